@@ -1,0 +1,83 @@
+"""DeepSpeed around the backbone only; the class-sharded head and its optimizer live beside it.
+
+The head must not be all-reduced or ZeRO-partitioned (each rank owns different classes), so it never enters the
+engine. The backbone's SGD is a client optimizer handed to DeepSpeed; the learning rate of both is set per step by
+trainer.schedule.
+
+Precision: `model.precision` (auto = bf16 on GPU) runs the trunk under bf16 autocast with fp32 weights and an fp32
+fc/BN1d tail, as arcface_torch does. DeepSpeed's own fp16/bf16 modes would cast the weights, tail included, to 16
+bits, and fp16 would hand the head loss-scaled gradients; both are refused here with a message saying so.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from trainer.config import REPO_ROOT, ConfigError
+
+
+def load_ds_config(cfg: dict, world_size: int) -> dict:
+    """ds_config.json, checked and completed from the YAML (batch sizes, ZeRO stage, clipping)."""
+    path = Path(cfg["deepspeed"]["config"])
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config: file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    ds = copy.deepcopy(ds)
+    for key in ("fp16", "bf16"):
+        if ds.get(key, {}).get("enabled", False) not in (False, "false"):
+            raise ConfigError(
+                f"{path}: `{key}.enabled` must be false. This trainer runs the trunk under bf16 autocast with fp32 "
+                f"weights (model.precision: auto|bf16|fp32) so the fc/BN1d tail and the sharded head stay fp32; "
+                f"DeepSpeed's {key} mode would cast all weights" + (
+                    " and hand the head loss-scaled gradients." if key == "fp16" else "."))
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{path}: remove the `{key}` section: the optimizer and the lr schedule are set in the "
+                              f"YAML (optim:, schedule:) so the backbone and the sharded head share them")
+    gas = int(ds.get("gradient_accumulation_steps", 1))
+    if gas != 1:
+        raise ConfigError(f"{path}: gradient_accumulation_steps={gas} is not supported: the partial-FC head samples "
+                          f"its classes per micro-batch; raise train.batch_size or use more ranks instead")
+    B = cfg["train"]["batch_size"]
+    ds["train_micro_batch_size_per_gpu"] = B
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = B * world_size
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if cfg["deepspeed"]["zero_stage"] is not None:
+        zero["stage"] = cfg["deepspeed"]["zero_stage"]
+    if zero.get("stage", 0) not in (0, 1, 2):
+        raise ConfigError(f"{path}: zero_optimization.stage={zero.get('stage')}: use 0, 1 or 2 (stage 3 partitions "
+                          f"parameters, which a 65M-parameter backbone does not need)")
+    if zero.get("stage", 0) > 0:
+        ds["zero_allow_untested_optimizer"] = True  # SGD is a client optimizer
+    if cfg["deepspeed"]["gradient_clipping"] is not None:
+        ds["gradient_clipping"] = float(cfg["deepspeed"]["gradient_clipping"])
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def build_engine(backbone: torch.nn.Module, cfg: dict, world_size: int):
+    """(engine, client SGD optimizer). The optimizer's param_groups carry the lr that the schedule sets."""
+    import deepspeed
+
+    ds_config = load_ds_config(cfg, world_size)
+    o = cfg["optim"]
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+    engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=sgd, config=ds_config,
+                                           dist_init_required=False)
+    return engine, sgd
+
+
+def set_lr(lr: float, *optimizers) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr

@@ -1,0 +1,66 @@
+"""Entry point of one rank: parse `[CONFIG] [key=value ...]`, train, and print where everything went."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from trainer.config import DEFAULT_CONFIG, ConfigError, load_config
+
+USAGE = """python -m trainer [CONFIG.yaml] [key=value ...]
+
+Trains with CONFIG (default: configs/demo.yaml, the synthetic CPU demo) and the dotted overrides, e.g.
+    python -m trainer configs/demo.yaml train.epochs=2 head.sample_rate=0.5
+Usually started through ./run.sh, which launches one such process per GPU (or 2 on CPU)."""
+
+
+def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
+    # The deepspeed launcher inserts --local_rank=N; LOCAL_RANK in the environment already says the same.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        raise SystemExit(0)
+    config = DEFAULT_CONFIG
+    if argv and "=" not in argv[0]:
+        config = Path(argv[0])
+        argv = argv[1:]
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(f"expected key=value overrides after the config file, got: {' '.join(bad)}")
+    return config, argv
+
+
+def summary_table(history: list[tuple[str, list[dict]]]) -> str:
+    from prettytable import PrettyTable
+    if not history:
+        return "(no verification data configured)"
+    first, last = history[0], history[-1]
+    table = PrettyTable(["target", f"{first[0]} acc %", f"{last[0]} acc %", "best-threshold acc % (after)"])
+    before = {r["target"]: r for r in first[1]}
+    for r in last[1]:
+        b = before.get(r["target"])
+        table.add_row([r["target"], f"{b['acc_mean'] * 100:.2f}" if b else "-",
+                       f"{r['acc_mean'] * 100:.2f} ± {r['acc_std'] * 100:.2f}",
+                       f"{r['uniform_acc'] * 100:.2f}"])
+    return table.get_string(title="held-out verification")
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.perf_counter()
+    try:
+        config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from trainer.train import train
+    result = train(cfg)
+    if result["rank"] == 0:
+        out = Path(result["output"])
+        print(summary_table(result["eval"]))
+        print(f"trained {result['global_step']} steps in {result['train_seconds']:.0f}s "
+              f"(whole job {time.perf_counter() - t0:.0f}s)")
+        print(f"checkpoint: {out / 'checkpoints'} (newest named in checkpoints/latest)")
+        print(f"log:        {out / 'train.log'}")
+    return 0

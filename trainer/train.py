@@ -1,0 +1,215 @@
+"""The training loop: data -> DeepSpeed(backbone) -> sharded head -> backward -> steps -> logs, eval, checkpoints."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import backbones
+import heads
+from heads.optim import HeadOptimizer
+from heads.partition import ClassPartition
+from trainer import checkpoint, distributed
+from trainer.engine import build_engine, set_lr
+from trainer.log import Meter, setup_logging
+from trainer.schedule import schedule_from_config
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> str | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return "bf16"
+    return None
+
+
+def build_backbone(cfg: dict, device: torch.device) -> torch.nn.Module:
+    m = cfg["model"]
+    return backbones.get_model(m["name"], num_features=m["num_features"], dropout=m["dropout"],
+                               autocast_dtype=autocast_dtype(m["precision"], device), **m["kwargs"]).to(device)
+
+
+def head_config(cfg: dict) -> dict:
+    """The head section without unset (null) keys: the loss then uses its own default for them."""
+    return {k: v for k, v in cfg["head"].items() if v is not None}
+
+
+def prepare_data(cfg: dict, env: distributed.DistEnv, log) -> None:
+    """Generate the synthetic demo data on rank 0 when `data.synthetic` is set and train.rec is missing."""
+    root = Path(cfg["data"]["root"])
+    syn = cfg["data"]["synthetic"]
+    if syn is not None and env.rank == 0 and not (root / "train.rec").is_file():
+        from data.synthetic import make_dataset
+        t0 = time.perf_counter()
+        log.info(f"writing synthetic identities to {root} ...")
+        summary = make_dataset(root, **syn)
+        log.info(f"synthetic data ready in {time.perf_counter() - t0:.1f}s: {summary}")
+    _barrier()
+    if not (root / "train.rec").is_file():
+        raise FileNotFoundError(f"data.root={root}: no train.rec there (expected train.rec, train.idx, property)")
+
+
+def bin_paths(cfg: dict) -> list[Path]:
+    d = cfg["data"]
+    if d["val_root"] is None:
+        return []
+    root = Path(d["val_root"])
+    if d["val_targets"]:
+        paths = [root / f"{name}.bin" for name in d["val_targets"]]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.val_targets: verification files not found: {', '.join(missing)}")
+        return paths
+    return sorted(root.glob("*.bin"))
+
+
+class Evaluator:
+    """Verification on rank 0 (the others wait); results are logged as a table and kept for the summary."""
+
+    def __init__(self, cfg: dict, device: torch.device, log):
+        self.paths = bin_paths(cfg)
+        self.device, self.log = device, log
+        self.history: list[tuple[str, list[dict]]] = []
+
+    def __call__(self, model: torch.nn.Module, label: str, rank: int) -> None:
+        if not self.paths:
+            return
+        if rank == 0:
+            from eval.verification import format_table, verify_bins
+            was_training = model.training
+            results = verify_bins(model, self.paths, batch_size=128, device=self.device)
+            model.train(was_training)
+            self.history.append((label, results))
+            self.log.info("\n" + format_table(results, title=f"verification: {label}"))
+        _barrier()
+
+
+def train(cfg: dict) -> dict:
+    env = distributed.detect()
+    device = distributed.pick_device(env)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (torch.get_num_threads()) // max(env.local_world_size, 1)))
+    distributed.init(env, device)
+    output = Path(cfg["output"])
+    log = setup_logging(output, env.rank)
+    log.info(f"rank {env.rank}/{env.world_size} via {env.launcher} on {device}; output {output}")
+    try:
+        return _train(cfg, env, device, output, log)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: dict, env, device, output: Path, log) -> dict:
+    from data.dataset import build_train_loader
+    from data.recordio import InsightFaceRec
+
+    seed_everything(cfg["seed"] + env.rank)
+    prepare_data(cfg, env, log)
+    d, t = cfg["data"], cfg["train"]
+    if d["loader"] != "torch":
+        raise NotImplementedError("data.loader=dali is not available yet: use data.loader=torch")
+    num_classes = InsightFaceRec(d["root"]).num_classes
+    loader, sampler, dataset = build_train_loader(d["root"], t["batch_size"], env.rank, env.world_size, cfg["seed"],
+                                                  num_workers=d["num_workers"], flip=d["flip"])
+    backbone = build_backbone(cfg, device)
+    partition = ClassPartition(num_classes, env.world_size, env.rank)
+    head = heads.build_head(head_config(cfg), num_classes=num_classes, embedding_size=cfg["model"]["num_features"],
+                            partition=partition, seed=cfg["seed"]).to(device)
+    engine, backbone_opt = build_engine(backbone, cfg, env.world_size)
+    o = cfg["optim"]
+    head_opt = HeadOptimizer(head, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = steps_per_epoch * t["epochs"]
+    if t["max_steps"] is not None:
+        total_steps = min(total_steps, t["max_steps"])
+    lr_of = schedule_from_config(cfg, steps_per_epoch, steps_per_epoch * t["epochs"])
+    ckpt_root = output / "checkpoints"
+    start_epoch, global_step, start_step_in_epoch = 0, 0, 0
+    if t["resume"] is not None:
+        folder = checkpoint.resolve(t["resume"], output)
+        if folder is not None:
+            meta = checkpoint.load(folder, engine=engine, head=head, head_opt=head_opt, rank=env.rank,
+                                   world_size=env.world_size,
+                                   zero_stage=engine.zero_optimization_stage(), log=log.info)
+            if meta["num_classes"] != num_classes:
+                raise checkpoint.CheckpointError(f"{folder}: written for {meta['num_classes']} classes, the data has "
+                                                 f"{num_classes}")
+            start_epoch, global_step = meta["epoch"], meta["global_step"]
+            start_step_in_epoch = meta.get("step_in_epoch", 0)
+            log.info(f"resumed from {folder} at epoch {start_epoch}, step {global_step}")
+        else:
+            log.info("train.resume=auto: no checkpoint yet, starting fresh")
+
+    log.info(f"{num_classes} classes, {len(dataset)} images, {env.world_size} ranks x {t['batch_size']} = "
+             f"{env.world_size * t['batch_size']} per step, {steps_per_epoch} steps/epoch, {t['epochs']} epochs; "
+             f"head: {cfg['head']['loss']} sample_rate={cfg['head']['sample_rate']} "
+             f"({partition.num_local} classes on this rank)")
+    evaluator = Evaluator(cfg, device, log)
+    if t["eval_before"] and start_epoch == 0 and global_step == 0:
+        evaluator(engine.module, "before training", env.rank)
+
+    meter = Meter(env.world_size * t["batch_size"], total_steps)
+    last_loss = float("nan")
+    losses: list[float] = []
+    engine.train()
+    t_train = time.perf_counter()
+    done = global_step >= total_steps
+    for epoch in range(start_epoch, t["epochs"]):
+        if done:
+            break
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        sampler.set_start_step(start_step_in_epoch if epoch == start_epoch else 0)
+        for images, labels in loader:
+            lr = lr_of(global_step)
+            set_lr(lr, backbone_opt, head_opt)
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            embeddings = engine(images)
+            loss, logs = head(embeddings, labels)
+            engine.backward(loss)
+            engine.step()
+            if engine.was_step_applied():
+                head_opt.step()
+            head_opt.zero_grad()
+            global_step += 1
+            meter.tick()
+            last_loss = loss.item()
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss became {last_loss} at epoch {epoch}, step {global_step}")
+            losses.append(last_loss)
+            if global_step % t["log_every"] == 0 or global_step == total_steps:
+                sps, hours = meter.report(global_step)
+                log.info(f"epoch {epoch} step {global_step}/{total_steps}  loss {last_loss:.4f}  lr {lr:.5f}  "
+                         f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min")
+            if global_step >= total_steps:
+                done = True
+                break
+        step_in_epoch = global_step - epoch * steps_per_epoch
+        complete = step_in_epoch == steps_per_epoch
+        tag = f"epoch_{epoch + 1:04d}" if complete else f"step_{global_step:07d}"
+        meta = {"epoch": epoch + 1 if complete else epoch, "step_in_epoch": 0 if complete else step_in_epoch,
+                "global_step": global_step, "num_classes": num_classes, "loss": last_loss}
+        path = checkpoint.save(ckpt_root, tag, engine=engine, head=head, head_opt=head_opt, cfg=cfg, meta=meta,
+                               rank=env.rank, world_size=env.world_size, keep=t["keep_checkpoints"])
+        log.info(f"checkpoint written: {path}")
+        if t["eval_every_epoch"] or done or epoch + 1 == t["epochs"]:
+            evaluator(engine.module, f"after epoch {epoch + 1}", env.rank)
+    train_s = time.perf_counter() - t_train
+    return {"output": str(output), "checkpoint": str(ckpt_root / "latest"), "global_step": global_step,
+            "losses": losses, "eval": evaluator.history, "train_seconds": train_s, "rank": env.rank}
