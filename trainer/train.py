@@ -77,6 +77,21 @@ def bin_paths(cfg: dict) -> list[Path]:
     return sorted(root.glob("*.bin"))
 
 
+def format_logs(logs: dict) -> str:
+    """The head's scalar logs (accuracy, learned thresholds, ...) as `name value` pairs."""
+    parts = []
+    for k, v in logs.items():
+        if isinstance(v, torch.Tensor):
+            if v.numel() != 1:
+                continue
+            v = v.item()
+        if isinstance(v, float):
+            parts.append(f"{k} {v:.4f}")
+        elif isinstance(v, int):
+            parts.append(f"{k} {v}")
+    return "  ".join(parts)
+
+
 class Evaluator:
     """Verification on rank 0 (the others wait); results are logged as a table and kept for the summary."""
 
@@ -175,6 +190,8 @@ def _train(cfg: dict, env, device, output: Path, log) -> dict:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         sampler.set_start_step(start_step_in_epoch if epoch == start_epoch else 0)
+        if hasattr(head, "set_epoch"):
+            head.set_epoch(epoch)  # losses with start epochs (UniTSFace's USS from 1, EPL from 3)
         for images, labels in loader:
             lr = lr_of(global_step)
             set_lr(lr, backbone_opt, head_opt)
@@ -196,7 +213,7 @@ def _train(cfg: dict, env, device, output: Path, log) -> dict:
             if global_step % t["log_every"] == 0 or global_step == total_steps:
                 sps, hours = meter.report(global_step)
                 log.info(f"epoch {epoch} step {global_step}/{total_steps}  loss {last_loss:.4f}  lr {lr:.5f}  "
-                         f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min")
+                         f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min  {format_logs(logs)}")
             if global_step >= total_steps:
                 done = True
                 break
