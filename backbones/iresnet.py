@@ -186,7 +186,7 @@ class IResNet(nn.Module):
         with trunk_autocast(device_type, self.autocast_dtype):
             x = self.trunk(x)
         with torch.autocast(device_type=device_type, enabled=False):
-            x = x.float()
+            x = x.to(self.fc.weight.dtype)  # fp32 tail after a bf16 trunk (float64 when the model is, in tests)
             return self.features(self.fc(x))
 
 

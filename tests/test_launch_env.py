@@ -43,3 +43,13 @@ def test_bad_env():
         detect({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(LaunchError, match="outside world size"):
         detect({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_cpu_runs_build_no_deepspeed_op():
+    """On CPU DeepSpeed's comm layer must not JIT-compile its shared-memory op (~60 s on every fresh machine)."""
+    import torch
+
+    from trainer.distributed import prepare_deepspeed
+    prepare_deepspeed(torch.device("cpu"))
+    from deepspeed.comm.torch import build_shm_op
+    assert build_shm_op() is None

@@ -109,17 +109,32 @@ def pick_device(d: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
+def prepare_deepspeed(device: torch.device) -> None:
+    """Call before DeepSpeed's comm layer starts. On CPU: plain gloo collectives, no shm-op JIT build (~60 s).
+
+    DeepSpeed reads `deepspeed.ops.__compatible_ops__` (probed lazily on first access, then cached) only to decide
+    whether to build its shared-memory all-reduce. On CPU the table is filled with False before anything probes it:
+    no op is compiled, and the probe's own compiler runs (and their linker noise) are skipped too.
+    """
+    if device.type != "cpu":
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops as ops
+    table = vars(ops)
+    if "__compatible_ops__" in table:
+        table["__compatible_ops__"]["deepspeed_shm_comm"] = False
+    else:
+        from deepspeed.ops.op_builder.all_ops import ALL_OPS
+        table["__compatible_ops__"] = {**dict.fromkeys(ALL_OPS, False), "deepspeed_not_implemented": False}
+
+
 def init(d: DistEnv, device: torch.device, timeout_s: int = 1800) -> None:
     """Start torch.distributed through DeepSpeed's comm layer (so the engine finds it), on nccl or gloo."""
     for k, v in (("RANK", d.rank), ("WORLD_SIZE", d.world_size), ("LOCAL_RANK", d.local_rank),
                  ("MASTER_ADDR", d.master_addr), ("MASTER_PORT", d.master_port)):
         os.environ[k] = str(v)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed.ops
-        # DeepSpeed caches this dict and reads it when its comm backend starts: False = no shm JIT build.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    prepare_deepspeed(device)
     import deepspeed
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s),
                                rank=d.rank, world_size=d.world_size, distributed_port=d.master_port)
