@@ -231,6 +231,14 @@ class RecordIOReader:
             raise RecordIOError(f"{self.idx_path}: unknown key {key}")
         return int(self._sorted_offsets[i])
 
+    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
+        """Byte offsets of ``keys`` (int64 array), vectorised; every key must be in the index."""
+        keys = np.asarray(keys, dtype=np.int64)
+        missing = self.missing_keys(keys)
+        if missing.size:
+            raise RecordIOError(f"{self.idx_path}: unknown key {int(missing[0])}")
+        return self._sorted_offsets[np.searchsorted(self._sorted_keys, keys)]
+
     def read_idx(self, key: int) -> bytes:
         """The payload of record ``key`` (parts re-joined with the magic word, padding removed)."""
         return self.read_at(self.offset(key), key)
@@ -478,11 +486,14 @@ class RecSummary:
 
 
 def write_insightface_rec(out_dir: str | os.PathLike, samples: Iterable[tuple[int, bytes]], num_classes: int,
-                          image_size: tuple[int, int] = (112, 112), with_header: bool = True) -> RecSummary:
+                          image_size: tuple[int, int] = (112, 112), with_header: bool = True,
+                          identity_ranges: bool = True) -> RecSummary:
     """Write ``out_dir/{train.rec, train.idx, property}`` from streamed (label, encoded image) samples.
 
-    With header (InsightFace layout) samples must come grouped by label; the header record 0 is reserved first and
-    filled in once the number of images is known, so the bytes equal what mxnet-based tools write.
+    With header (InsightFace layout) and ``identity_ranges`` samples must come grouped by label; the header record 0
+    is reserved first and filled in once the number of images is known, so the bytes equal what mxnet-based tools
+    write. With header but without ``identity_ranges`` (a shuffled set) samples come in any order and the header is
+    [num_images + 1, num_images + 1]: no identity-range records follow the images.
     Without header, images are keys 0..N-1 in any label order. Files appear only when complete.
     """
     out = Path(out_dir)
@@ -508,7 +519,7 @@ def write_insightface_rec(out_dir: str | os.PathLike, samples: Iterable[tuple[in
                     raise RecordIOError(f"{where}: label must be in 0..{num_classes - 1}")
                 if image_format(bytes(data[:12])) is None:
                     raise RecordIOError(f"{where}: payload is not an encoded image (JPEG/PNG/BMP/GIF/TIFF/WEBP)")
-                if with_header:
+                if with_header and identity_ranges:
                     if ranges and ranges[-1][0] == label:
                         ranges[-1] = (label, ranges[-1][1], key + 1)
                     elif seen[label]:

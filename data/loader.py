@@ -1,0 +1,165 @@
+"""The training data the trainer iterates, whichever reader produces it.
+
+    data = build_loader("dali" | "torch", root, batch_size, rank, world_size, seed, device)
+    for epoch in range(start_epoch, epochs):
+        data.set_epoch(epoch)
+        data.set_start_step(k)              # only when resuming mid-epoch
+        for images, labels in data:         # float32 [B,3,H,W] in [-1,1] and int64 [B], both on `device`
+            ...
+    data.close()
+
+Both kinds give every rank ``steps_per_epoch = num_images // (world_size * batch_size)`` full batches per epoch, so
+the head's all-gather always meets B samples from each rank. Before anything is read the rec is checked once (and
+the result cached, see :mod:`data.rec_index`): a truncated file, a wrong magic word, an index offset past the end, a
+non-image payload or a label outside ``property``'s num_classes fails here, naming the file and the record.
+
+``torch`` decodes with PIL in DataLoader workers (:mod:`data.dataset`): an exact, permutation-per-epoch order and
+exact mid-epoch resume. ``dali`` reads with DALI's ``fn.readers.mxnet`` and decodes on the GPU when ``device`` is a
+CUDA device, on the CPU otherwise (:mod:`data.dali_pipeline`).
+"""
+from __future__ import annotations
+
+import abc
+import os
+from typing import Iterator
+
+import torch
+
+from data.rec_index import PreparedRec, prepare_rec
+
+
+class TrainData(abc.ABC):
+    """An epoch-wise iterable of (images, labels) batches with a fixed number of full batches per rank."""
+
+    prepared: PreparedRec
+    batch_size: int
+    steps_per_epoch: int
+
+    @property
+    def num_images(self) -> int:
+        return self.prepared.num_images
+
+    @property
+    def num_classes(self) -> int:
+        return self.prepared.num_classes
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.prepared.image_size
+
+    @abc.abstractmethod
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order (and augmentation randomness) of ``epoch``, starting at its step 0."""
+
+    @abc.abstractmethod
+    def set_start_step(self, step: int) -> None:
+        """Start the current epoch at ``step`` (0..steps_per_epoch): a mid-epoch resume."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Steps left in the current epoch."""
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images float32 [B,3,H,W] in [-1,1], labels int64 [B]) on the device, ``len(self)`` times."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop workers / pipelines and release their memory. Idempotent."""
+
+    def __enter__(self) -> TrainData:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_batch_args(num_images: int, batch_size: int, rank: int, world_size: int) -> int:
+    """Validate the arguments every kind shares; return steps_per_epoch = N // (W * B)."""
+    if batch_size <= 0 or world_size <= 0:
+        raise ValueError(f"batch_size and world_size must be > 0, got {batch_size} and {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    steps = num_images // (world_size * batch_size)
+    if steps == 0:
+        raise ValueError(f"dataset of {num_images} images is smaller than one global batch "
+                         f"({world_size} ranks x {batch_size} = {world_size * batch_size})")
+    return steps
+
+
+class TorchTrainData(TrainData):
+    """:func:`data.dataset.build_train_loader` behind the :class:`TrainData` interface."""
+
+    def __init__(self, prepared: PreparedRec, batch_size: int, rank: int, world_size: int, seed: int,
+                 device: torch.device, num_workers: int = 2, flip: bool = True) -> None:
+        from data.dataset import build_train_loader
+
+        self.prepared = prepared
+        self.batch_size = batch_size
+        self.steps_per_epoch = check_batch_args(prepared.num_images, batch_size, rank, world_size)
+        self.device = torch.device(device)
+        self.loader, self.sampler, self.dataset = build_train_loader(
+            prepared.root, batch_size, rank, world_size, seed, num_workers=num_workers, flip=flip)
+        assert self.sampler.steps_per_epoch == self.steps_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+
+    def set_start_step(self, step: int) -> None:
+        self.sampler.set_start_step(step)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        # Persistent workers live in the DataLoader's cached iterator; torch exposes no public shutdown.
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
+
+KINDS = ("auto", "torch", "dali")
+
+
+def resolve_kind(kind: str, device: torch.device) -> str:
+    """``auto`` -> ``dali`` on a CUDA device when DALI imports, else ``torch``; other kinds unchanged."""
+    if kind not in KINDS:
+        raise ValueError(f"data loader kind must be one of {KINDS}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    if torch.device(device).type != "cuda":
+        return "torch"
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "dali"
+
+
+def build_loader(kind: str, root: str | os.PathLike, batch_size: int, rank: int, world_size: int, seed: int,
+                 device: torch.device, num_workers: int = 2, flip: bool = True, *, augment: bool = False,
+                 cache_dir: str | os.PathLike | None = None, progress: bool = False, **dali_options) -> TrainData:
+    """Check ``root`` (once, cached in ``cache_dir``) and open it with the ``kind`` reader for this rank.
+
+    ``kind``: ``dali``, ``torch`` or ``auto`` (:func:`resolve_kind`: DALI on a GPU, the torch reader otherwise).
+    ``augment`` (dali only) adds arcface_torch's DALI augmentation (see :func:`data.dali_pipeline.arcface_augment`);
+    ``dali_options`` go to :class:`data.dali_pipeline.DaliTrainData` (``shuffle``, ``shuffle_buffer``,
+    ``prefetch``).
+    """
+    kind = resolve_kind(kind, device)
+    if kind == "torch" and (augment or dali_options):
+        extra = ["augment"] * augment + sorted(dali_options)
+        raise ValueError(f"{', '.join(extra)}: only available with the dali loader (kind='dali')")
+    prepared = prepare_rec(root, cache_dir=cache_dir, progress=progress)
+    if kind == "torch":
+        return TorchTrainData(prepared, batch_size, rank, world_size, seed, device, num_workers, flip)
+    from data.dali_pipeline import DaliTrainData  # DALI is needed only here
+
+    return DaliTrainData(prepared, batch_size, rank, world_size, seed, device, num_workers, flip, augment=augment,
+                         **dali_options)
