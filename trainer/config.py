@@ -22,6 +22,7 @@ _FLEXIBLE = {
     "train.resume": (str, type(None)),
     "train.max_steps": (int, type(None)),
     "data.synthetic": (dict, type(None)),
+    "data.cache_dir": (str, type(None)),
     "deepspeed.zero_stage": (int, type(None)),
     "deepspeed.gradient_clipping": (float, int, type(None)),
 }
@@ -147,7 +148,7 @@ def _check_values(cfg: dict) -> None:
     need(h["scale"] > 0, "head.scale", "must be > 0")
     need(cfg["model"]["precision"] in ("auto", "fp32", "bf16"), "model.precision",
          "must be auto, fp32 or bf16 (fp16 is refused: see README, Precision)")
-    need(d["loader"] in ("torch", "dali"), "data.loader", "must be torch or dali")
+    need(d["loader"] in ("auto", "torch", "dali"), "data.loader", "must be auto, torch or dali")
     need(d["num_workers"] >= 0, "data.num_workers", "must be >= 0")
     need(d["root"] is not None, "data.root", "is required: a folder holding train.rec, train.idx and property")
     need(cfg["schedule"]["type"] in ("poly", "step"), "schedule.type", "must be poly or step")

@@ -32,17 +32,21 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
 
 
 def summary_table(history: list[tuple[str, list[dict]]]) -> str:
+    """Held-out accuracy at the first and the last evaluation of the run, side by side."""
     from prettytable import PrettyTable
     if not history:
         return "(no verification data configured)"
     first, last = history[0], history[-1]
-    table = PrettyTable(["target", f"{first[0]} acc %", f"{last[0]} acc %", "best-threshold acc % (after)"])
-    before = {r["target"]: r for r in first[1]}
+    columns = [first] if first is last else [first, last]
+    table = PrettyTable(["target", *[f"{label} acc %" for label, _ in columns],
+                         f"best single threshold acc % ({last[0]})"])
+    rows = {label: {r["target"]: r for r in results} for label, results in columns}
     for r in last[1]:
-        b = before.get(r["target"])
-        table.add_row([r["target"], f"{b['acc_mean'] * 100:.2f}" if b else "-",
-                       f"{r['acc_mean'] * 100:.2f} ± {r['acc_std'] * 100:.2f}",
-                       f"{r['uniform_acc'] * 100:.2f}"])
+        cells = []
+        for label, _ in columns:
+            c = rows[label].get(r["target"])
+            cells.append(f"{c['accuracy_mean'] * 100:.2f} ± {c['accuracy_std'] * 100:.2f}" if c else "-")
+        table.add_row([r["target"], *cells, f"{r['uniform_accuracy'] * 100:.2f}"])
     return table.get_string(title="held-out verification")
 
 

@@ -56,8 +56,9 @@ def prepare_data(cfg: dict, env: distributed.DistEnv, log) -> None:
         from data.synthetic import make_dataset
         t0 = time.perf_counter()
         log.info(f"writing synthetic identities to {root} ...")
-        summary = make_dataset(root, **syn)
-        log.info(f"synthetic data ready in {time.perf_counter() - t0:.1f}s: {summary}")
+        summary = make_dataset(root, **{"progress": False, **syn})
+        log.info(f"synthetic data ready in {time.perf_counter() - t0:.1f}s: {summary['train']['images']} images of "
+                 f"{summary['train']['num_ids']} identities, verification bins {', '.join(summary['val']['bins'])}")
     _barrier()
     if not (root / "train.rec").is_file():
         raise FileNotFoundError(f"data.root={root}: no train.rec there (expected train.rec, train.idx, property)")
@@ -93,24 +94,41 @@ def format_logs(logs: dict) -> str:
 
 
 class Evaluator:
-    """Verification on rank 0 (the others wait); results are logged as a table and kept for the summary."""
+    """Verification during training: every rank embeds a contiguous slice of each bin's images, rank 0 gathers them,
+    scores the pairs and logs the table (the same protocol as `python -m eval.verification`)."""
 
-    def __init__(self, cfg: dict, device: torch.device, log):
+    def __init__(self, cfg: dict, device: torch.device, log, rank: int, world_size: int):
         self.paths = bin_paths(cfg)
-        self.device, self.log = device, log
+        self.device, self.log, self.rank, self.world_size = device, log, rank, world_size
         self.history: list[tuple[str, list[dict]]] = []
+        self._bins: list | None = None
 
-    def __call__(self, model: torch.nn.Module, label: str, rank: int) -> None:
+    def _slice(self, n: int) -> slice:
+        per, extra = divmod(n, self.world_size)
+        start = per * self.rank + min(self.rank, extra)
+        return slice(start, start + per + (self.rank < extra))
+
+    def __call__(self, model: torch.nn.Module, label: str) -> None:
         if not self.paths:
             return
-        if rank == 0:
-            from eval.verification import format_table, verify_bins
-            was_training = model.training
-            results = verify_bins(model, self.paths, batch_size=128, device=self.device)
-            model.train(was_training)
+        from data.verification_bin import load_bin_images
+        from eval.verification import evaluate_pairs, extract_embeddings, format_table
+        if self._bins is None:
+            self._bins = [(p, *load_bin_images(p)) for p in self.paths]
+        results = []
+        for path, images, issame in self._bins:
+            local = extract_embeddings(model, images[self._slice(images.shape[0])], batch_size=128,
+                                       device=self.device, progress=False)
+            parts = [local]
+            if self.world_size > 1:
+                parts = [None] * self.world_size
+                dist.all_gather_object(parts, local)
+            if self.rank == 0:
+                emb = np.concatenate(parts)
+                results.append({"target": Path(path).stem, "path": str(path), **evaluate_pairs(emb, issame)})
+        if self.rank == 0:
             self.history.append((label, results))
             self.log.info("\n" + format_table(results, title=f"verification: {label}"))
-        _barrier()
 
 
 def train(cfg: dict) -> dict:
@@ -129,17 +147,23 @@ def train(cfg: dict) -> dict:
 
 
 def _train(cfg: dict, env, device, output: Path, log) -> dict:
-    from data.dataset import build_train_loader
-    from data.recordio import InsightFaceRec
+    from data.loader import build_loader
 
     seed_everything(cfg["seed"] + env.rank)
     prepare_data(cfg, env, log)
     d, t = cfg["data"], cfg["train"]
-    if d["loader"] != "torch":
-        raise NotImplementedError("data.loader=dali is not available yet: use data.loader=torch")
-    num_classes = InsightFaceRec(d["root"]).num_classes
-    loader, sampler, dataset = build_train_loader(d["root"], t["batch_size"], env.rank, env.world_size, cfg["seed"],
-                                                  num_workers=d["num_workers"], flip=d["flip"])
+    data = build_loader(d["loader"], d["root"], t["batch_size"], env.rank, env.world_size, cfg["seed"], device,
+                        num_workers=d["num_workers"], flip=d["flip"], augment=d["augment"],
+                        cache_dir=d["cache_dir"], progress=env.rank == 0)
+    try:
+        return _train_with(cfg, env, device, output, log, data)
+    finally:
+        data.close()
+
+
+def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
+    d, t = cfg["data"], cfg["train"]
+    num_classes = data.num_classes
     backbone = build_backbone(cfg, device)
     partition = ClassPartition(num_classes, env.world_size, env.rank)
     head = heads.build_head(head_config(cfg), num_classes=num_classes, embedding_size=cfg["model"]["num_features"],
@@ -148,7 +172,7 @@ def _train(cfg: dict, env, device, output: Path, log) -> dict:
     o = cfg["optim"]
     head_opt = HeadOptimizer(head, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
 
-    steps_per_epoch = sampler.steps_per_epoch
+    steps_per_epoch = data.steps_per_epoch
     total_steps = steps_per_epoch * t["epochs"]
     if t["max_steps"] is not None:
         total_steps = min(total_steps, t["max_steps"])
@@ -164,19 +188,26 @@ def _train(cfg: dict, env, device, output: Path, log) -> dict:
             if meta["num_classes"] != num_classes:
                 raise checkpoint.CheckpointError(f"{folder}: written for {meta['num_classes']} classes, the data has "
                                                  f"{num_classes}")
-            start_epoch, global_step = meta["epoch"], meta["global_step"]
-            start_step_in_epoch = meta.get("step_in_epoch", 0)
+            # Positions are kept in samples: with another rank count the global batch, and so the step, differ.
+            global_batch = env.world_size * t["batch_size"]
+            start_epoch = meta["epoch"]
+            samples_in_epoch = meta.get("samples_in_epoch", 0)
+            start_step_in_epoch = samples_in_epoch // global_batch
+            if samples_in_epoch % global_batch:
+                log.info(f"resume: {samples_in_epoch} samples of epoch {start_epoch} were seen with a global batch of "
+                         f"{meta['global_batch']}; continuing from sample {start_step_in_epoch * global_batch}")
+            global_step = start_epoch * steps_per_epoch + start_step_in_epoch
             log.info(f"resumed from {folder} at epoch {start_epoch}, step {global_step}")
         else:
             log.info("train.resume=auto: no checkpoint yet, starting fresh")
 
-    log.info(f"{num_classes} classes, {len(dataset)} images, {env.world_size} ranks x {t['batch_size']} = "
+    log.info(f"{num_classes} classes, {data.num_images} images ({type(data).__name__}), {env.world_size} ranks x {t['batch_size']} = "
              f"{env.world_size * t['batch_size']} per step, {steps_per_epoch} steps/epoch, {t['epochs']} epochs; "
              f"head: {cfg['head']['loss']} sample_rate={cfg['head']['sample_rate']} "
              f"({partition.num_local} classes on this rank)")
-    evaluator = Evaluator(cfg, device, log)
+    evaluator = Evaluator(cfg, device, log, env.rank, env.world_size)
     if t["eval_before"] and start_epoch == 0 and global_step == 0:
-        evaluator(engine.module, "before training", env.rank)
+        evaluator(engine.module, "before training")
 
     meter = Meter(env.world_size * t["batch_size"], total_steps)
     last_loss = float("nan")
@@ -187,16 +218,13 @@ def _train(cfg: dict, env, device, output: Path, log) -> dict:
     for epoch in range(start_epoch, t["epochs"]):
         if done:
             break
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        sampler.set_start_step(start_step_in_epoch if epoch == start_epoch else 0)
+        data.set_epoch(epoch)
+        data.set_start_step(start_step_in_epoch if epoch == start_epoch else 0)
         if hasattr(head, "set_epoch"):
             head.set_epoch(epoch)  # losses with start epochs (UniTSFace's USS from 1, EPL from 3)
-        for images, labels in loader:
+        for images, labels in data:  # already on the device
             lr = lr_of(global_step)
             set_lr(lr, backbone_opt, head_opt)
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
             embeddings = engine(images)
             loss, logs = head(embeddings, labels)
             engine.backward(loss)
@@ -221,12 +249,14 @@ def _train(cfg: dict, env, device, output: Path, log) -> dict:
         complete = step_in_epoch == steps_per_epoch
         tag = f"epoch_{epoch + 1:04d}" if complete else f"step_{global_step:07d}"
         meta = {"epoch": epoch + 1 if complete else epoch, "step_in_epoch": 0 if complete else step_in_epoch,
-                "global_step": global_step, "num_classes": num_classes, "loss": last_loss}
+                "samples_in_epoch": 0 if complete else step_in_epoch * env.world_size * t["batch_size"],
+                "global_batch": env.world_size * t["batch_size"], "global_step": global_step,
+                "num_classes": num_classes, "loss": last_loss}
         path = checkpoint.save(ckpt_root, tag, engine=engine, head=head, head_opt=head_opt, cfg=cfg, meta=meta,
                                rank=env.rank, world_size=env.world_size, keep=t["keep_checkpoints"])
         log.info(f"checkpoint written: {path}")
         if t["eval_every_epoch"] or done or epoch + 1 == t["epochs"]:
-            evaluator(engine.module, f"after epoch {epoch + 1}", env.rank)
+            evaluator(engine.module, f"after epoch {epoch + 1}")
     train_s = time.perf_counter() - t_train
     return {"output": str(output), "checkpoint": str(ckpt_root / "latest"), "global_step": global_step,
             "losses": losses, "eval": evaluator.history, "train_seconds": train_s, "rank": env.rank}
