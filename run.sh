@@ -3,7 +3,7 @@
 #   ./run.sh [CONFIG.yaml] [key=value ...]   train (default: configs/demo.yaml, the synthetic CPU demo); launches one
 #                                            rank per GPU (2 on a machine without GPU) through the deepspeed launcher
 #   ./run.sh test [pytest args ...]          the test suite
-#   ./run.sh eval [args ...]                 python -m eval.verification (see --help)
+#   ./run.sh eval COMMAND [args ...]         python -m eval: verification | ijb | megaface | onnx | tables (--help)
 #   ./run.sh python [args ...]               the project's Python, for the tools (python -m data.synthetic --help ...)
 # As the program of `deepspeed --no_python ./run.sh ...` or of `srun ./run.sh ...` it notices that it already is a
 # rank (RANK, or an srun step's SLURM_PROCID) and runs the trainer directly. NPROC=N overrides the process count.
@@ -51,7 +51,7 @@ case "${1:-}" in
     ;;
   eval)
     shift
-    exec "$PY" -m eval.verification "$@"
+    exec "$PY" -m eval "$@"
     ;;
   python)
     shift

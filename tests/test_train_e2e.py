@@ -81,7 +81,7 @@ def test_train_resume_reshard_eval(data_dir, tmp_path):
     assert one["weight"].shape[0] == 12
 
     # Eval CLI on our checkpoint folder.
-    p = run(["eval", "--weights", str(ckpts / "epoch_0003"), "--bins", str(data_dir), "--no-progress",
+    p = run(["eval", "verification", "--weights", str(ckpts / "epoch_0003"), "--bins", str(data_dir), "--no-progress",
              "--json", str(tmp_path / "eval.json")])
     assert "synth_lfw" in p.stdout
     results = json.loads((tmp_path / "eval.json").read_text())["results"]

@@ -1,0 +1,364 @@
+"""MegaFace challenge 1: FaceScrub probes against up to 1M distractors — rank-1 identification and TAR@FAR=1e-6,
+computed here (no devkit binary), in chunks of distractors so a million of them never sit in one score matrix.
+
+Data layout (insightface's MegaFace test pack, images already aligned to 112x112; ``--data`` is its folder):
+
+    facescrub_lst       "Identity_Name/image.png" per line, relative to facescrub_images/ (identity = folder)
+    megaface_lst        "a1/a2/image.jpg" per line, relative to megaface_images/
+    facescrub_noises.txt, megaface_noises.txt    optional noise lists ('#' comments): FaceScrub image file names
+                        whose label is wrong; distractor paths ("a1/a2/image.jpg", or tab-separated with the path
+                        last) that show a FaceScrub identity
+
+Features: f(img) + f(flipped img), L2-normalised (as insightface's gen_megaface); scores are cosines.
+
+Protocol (the devkit's, on cosine instead of L2 distance — the same ordering for unit vectors):
+- identification: for every identity and every ordered pair (p, q) of its images, q joins the distractors as the
+  gallery mate of probe p; rank = 1 + #(distractors d with s(p, d) > s(p, q)); rank-k rate = fraction of ordered
+  pairs with rank ≤ k. Only each probe's top-k distractor scores are needed: they are kept across chunks.
+- verification: positives = same-identity probe pairs, negatives = every probe × every distractor;
+  TAR@FAR by rule "le" (eval.roc): v = the (⌊FAR·N⌋+1)-th largest negative, kept as a running top-k across
+  chunks; TAR = #(positives > v)/P.
+- noise lists (the "refined" numbers): listed distractors are removed (insightface gives them an extra feature
+  dimension of 100, which puts them out of reach — the same effect); a listed FaceScrub image gets the mean
+  feature of its identity's clean images ("centre", insightface's rule) or is dropped ("drop").
+
+CLI: ``python -m eval.megaface --weights PATH --data DIR [--facescrub-noises F --megaface-noises F]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eval.features import (
+    FaceImages,
+    add_model_arguments,
+    checkpoint_label,
+    extract_features,
+    init_distributed_from_env,
+    model_from_arguments,
+)
+from eval.roc import far_label, tar_from_top_negatives
+from eval.tables import format_table, output_dir_for, write_results
+
+__all__ = [
+    "MegaFaceError",
+    "MegaFaceSet",
+    "read_megaface_set",
+    "read_noise_list",
+    "facescrub_noise_mask",
+    "megaface_noise_mask",
+    "clean_probe_features",
+    "megaface_metrics",
+    "main",
+]
+
+DEFAULT_FARS = (1e-6,)
+DEFAULT_RANKS = (1, 5, 10)
+_FAR_SLACK = 1e-9
+
+
+class MegaFaceError(ValueError):
+    """A missing or malformed MegaFace list, or features that do not fit it."""
+
+
+@dataclass
+class MegaFaceSet:
+    probe_names: list[str]  # facescrub_lst entries "Identity/image.png"
+    probe_identities: np.ndarray  # int64 [P]: index into identity_names
+    identity_names: list[str]
+    distractor_names: list[str]  # megaface_lst entries
+    facescrub_root: Path
+    megaface_root: Path
+
+    @property
+    def probe_paths(self) -> list[Path]:
+        return [self.facescrub_root / n for n in self.probe_names]
+
+    @property
+    def distractor_paths(self) -> list[Path]:
+        return [self.megaface_root / n for n in self.distractor_names]
+
+
+def _read_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise MegaFaceError(f"{path}: no such list file")
+    names = [line.strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise MegaFaceError(f"{path}: empty list")
+    return names
+
+
+def read_megaface_set(
+    root: str | Path,
+    facescrub_lst: str | Path | None = None,
+    megaface_lst: str | Path | None = None,
+    facescrub_root: str | Path | None = None,
+    megaface_root: str | Path | None = None,
+    max_distractors: int | None = None,
+) -> MegaFaceSet:
+    """Read the two lists (defaults: ROOT/facescrub_lst, ROOT/megaface_lst, images under ROOT/*_images)."""
+    root = Path(root)
+    fs_lst = Path(facescrub_lst) if facescrub_lst else root / "facescrub_lst"
+    mf_lst = Path(megaface_lst) if megaface_lst else root / "megaface_lst"
+    probes = _read_list(fs_lst)
+    identities = []
+    for lineno, name in enumerate(probes, 1):
+        parts = Path(name).parts
+        if len(parts) < 2:
+            raise MegaFaceError(f"{fs_lst}:{lineno}: {name!r} must be 'Identity/image' (the identity is the folder)")
+        identities.append(parts[-2])
+    identity_names, probe_identities = np.unique(np.array(identities), return_inverse=True)
+    distractors = _read_list(mf_lst)
+    if max_distractors is not None:
+        if max_distractors > len(distractors):
+            raise MegaFaceError(f"{mf_lst}: {len(distractors)} distractors listed, {max_distractors} asked for")
+        distractors = distractors[:max_distractors]
+    return MegaFaceSet(
+        probes,
+        probe_identities.astype(np.int64),
+        [str(n) for n in identity_names],
+        distractors,
+        Path(facescrub_root) if facescrub_root else root / "facescrub_images",
+        Path(megaface_root) if megaface_root else root / "megaface_images",
+    )
+
+
+def read_noise_list(path: str | Path) -> set[str]:
+    """Entries of a noise list: one per line, '#' comments and blank lines skipped, tab-separated → last field."""
+    path = Path(path)
+    if not path.is_file():
+        raise MegaFaceError(f"{path}: no such noise list")
+    out = set()
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.add(line.split("\t")[-1].strip())
+    return out
+
+
+def facescrub_noise_mask(probe_names: Sequence[str], noises: set[str]) -> np.ndarray:
+    """Probes whose image file name (the last path component) is listed."""
+    return np.array([Path(n).name in noises for n in probe_names], dtype=bool)
+
+
+def megaface_noise_mask(distractor_names: Sequence[str], noises: set[str]) -> np.ndarray:
+    """Distractors whose last three path components ("a1/a2/image.jpg", insightface's key) are listed."""
+    return np.array(["/".join(Path(n).parts[-3:]) in noises for n in distractor_names], dtype=bool)
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def clean_probe_features(
+    feats: torch.Tensor, identities: np.ndarray, noisy: np.ndarray, policy: str = "centre"
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Apply the FaceScrub noise list to L2-normalised probe features; returns (features, identities).
+
+    "centre": a noisy probe's feature becomes normalise(mean of its identity's clean features) (insightface's
+    remove_noises; an identity with no clean image keeps its features). "drop": noisy probes are removed.
+    """
+    noisy = np.asarray(noisy, dtype=bool)
+    if policy == "drop":
+        keep = torch.from_numpy(~noisy)
+        return feats[keep.to(feats.device)], np.asarray(identities)[~noisy]
+    if policy != "centre":
+        raise MegaFaceError(f"unknown FaceScrub noise policy {policy!r}; expected 'centre' or 'drop'")
+    feats = feats.clone()
+    for ident in np.unique(np.asarray(identities)[noisy]):
+        members = np.asarray(identities) == ident
+        clean = members & ~noisy
+        if clean.any():
+            centre = _normalise(feats[torch.from_numpy(clean)].mean(0, keepdim=True))
+            feats[torch.from_numpy(members & noisy)] = centre
+    return feats, np.asarray(identities)
+
+
+@torch.no_grad()
+def megaface_metrics(
+    probe_feats: torch.Tensor,
+    probe_identities: np.ndarray,
+    distractor_feats: np.ndarray,
+    keep_distractors: np.ndarray | None = None,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    fars: Sequence[float] = DEFAULT_FARS,
+    chunk_rows: int = 16384,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Identification rank-k and verification TAR@FAR (see the module docstring) in one pass over the distractors.
+
+    ``probe_feats`` [P, D] must be L2-normalised (its device is used for the products); ``distractor_feats``
+    [M, D] may be a memmap and is normalised chunk by chunk; ``keep_distractors`` [M] bool removes rows.
+    Memory: one [P, chunk_rows] score block, [P, max(ranks)] and the ⌊max(FAR)·P·M⌋+1 largest negatives.
+    """
+    ids = np.asarray(probe_identities)
+    p = probe_feats.shape[0]
+    device = probe_feats.device
+    x = probe_feats.float()
+    m_total = distractor_feats.shape[0]
+    keep = np.ones(m_total, dtype=bool) if keep_distractors is None else np.asarray(keep_distractors, dtype=bool)
+    num_distractors = int(keep.sum())
+    num_neg = p * num_distractors
+    k_rank = max(ranks)
+    k_neg = min(num_neg, int(math.floor(max(fars) * num_neg + _FAR_SLACK)) + 1)
+    top_d = torch.full((p, k_rank), -math.inf, device=device)
+    top_neg = torch.full((k_neg,), -math.inf, device=device)
+    starts = range(0, m_total, chunk_rows)
+    for start in tqdm(starts, desc="distractor chunks", unit="chunk", disable=not progress, dynamic_ncols=True):
+        rows = keep[start : start + chunk_rows]
+        if not rows.any():
+            continue
+        d = torch.from_numpy(np.asarray(distractor_feats[start : start + chunk_rows])[rows]).to(device).float()
+        s = x @ _normalise(d).T  # [P, c]
+        top_d = torch.topk(torch.cat([top_d, s], 1), k_rank, dim=1).values
+        top_neg = torch.topk(torch.cat([top_neg, s.flatten()]), k_neg).values
+
+    probe_scores = (x @ x.T).cpu().double()
+    same = torch.from_numpy(ids[:, None] == ids[None, :]) & ~torch.eye(p, dtype=torch.bool)
+    # identification over ordered pairs (probe p, mate q): rank = 1 + #(distractors above s(p, q))
+    pi, qi = torch.nonzero(same, as_tuple=True)
+    mate = probe_scores[pi, qi]
+    above = (top_d.cpu().double()[pi] > mate[:, None]).sum(1)
+    rank_rates = {str(k): float((above < k).double().mean()) if len(mate) else None for k in ranks}
+    # verification over unordered positive pairs
+    upper = torch.triu(same, diagonal=1)
+    pos = probe_scores[upper].numpy()
+    tars, thresholds = tar_from_top_negatives(pos, top_neg.cpu().double().numpy(), num_neg, fars)
+    return {
+        "probes": p,
+        "identities": int(len(np.unique(ids))),
+        "distractors": num_distractors,
+        "identification": {"ordered_pairs": int(len(mate)), "rank": rank_rates},
+        "verification": {
+            "positive_pairs": int(pos.size),
+            "negative_pairs": num_neg,
+            "tar_at_far": dict(zip(map(far_label, fars), tars.tolist())),
+            "thresholds": dict(zip(map(far_label, fars), thresholds.tolist())),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- the CLI
+
+
+def _features(
+    args: argparse.Namespace, model_box: dict, device: torch.device, images: FaceImages, path: Path, desc: str,
+    rank: int,
+) -> np.ndarray | None:
+    """Reuse ``path`` if it exists, else extract (memmap on rank 0) and keep it there."""
+    if path.is_file():
+        if rank == 0:
+            print(f"reusing {desc} features {path}")
+            feats = np.load(path, mmap_mode="r")
+            if feats.shape[0] != len(images):
+                raise MegaFaceError(f"{path}: {feats.shape[0]} rows, but the list has {len(images)} images")
+            return feats
+        return None
+    if "model" not in model_box:
+        model_box["model"], _ = model_from_arguments(args, device)
+    out = None
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dim = getattr(model_box["model"], "num_features", None)
+        if dim is not None:
+            out = np.lib.format.open_memmap(path.with_suffix(".partial.npy"), mode="w+", dtype=np.float32,
+                                            shape=(len(images), dim))
+    feats = extract_features(model_box["model"], images, args.batch_size, device, flip=True,
+                             num_workers=args.num_workers, progress=False if args.no_progress else None,
+                             desc=desc, out=out)
+    if rank != 0:
+        return None
+    if out is not None:
+        out.flush()
+        del out
+        path.with_suffix(".partial.npy").replace(path)
+    else:
+        np.save(path, feats)
+    return np.load(path, mmap_mode="r")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.megaface",
+        description="MegaFace challenge 1: rank-1 identification and TAR@FAR=1e-6 of FaceScrub probes against the "
+                    "distractor set, chunked (no devkit binary).",
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="MegaFace test pack folder (facescrub_lst, megaface_lst, "
+                        "facescrub_images/, megaface_images/)")
+    parser.add_argument("--facescrub-lst", default=None)
+    parser.add_argument("--megaface-lst", default=None)
+    parser.add_argument("--facescrub-root", default=None)
+    parser.add_argument("--megaface-root", default=None)
+    parser.add_argument("--facescrub-noises", default=None, help="FaceScrub noise list (e.g. facescrub_noises.txt)")
+    parser.add_argument("--megaface-noises", default=None, help="distractor noise list (e.g. megaface_noises.txt)")
+    parser.add_argument("--noise-policy", choices=("centre", "drop"), default="centre",
+                        help="what to do with listed FaceScrub images (centre = insightface's rule)")
+    parser.add_argument("--max-distractors", type=int, default=None,
+                        help="use the first N distractors of the list (the devkit's set sizes: 10 ... 1000000)")
+    parser.add_argument("--fars", type=float, nargs="+", default=list(DEFAULT_FARS))
+    parser.add_argument("--chunk-rows", type=int, default=16384, help="distractors scored per chunk")
+    parser.add_argument("--features-dir", default=None,
+                        help="where the feature .npy files are reused from / written to (default: OUT)")
+    args = parser.parse_args(argv)
+
+    rank, world, device = init_distributed_from_env(args.device)
+    data = read_megaface_set(args.data, args.facescrub_lst, args.megaface_lst, args.facescrub_root,
+                             args.megaface_root, args.max_distractors)
+    out_dir = output_dir_for(args.weights, args.out)
+    feat_dir = Path(args.features_dir) if args.features_dir else out_dir
+    label = args.label or checkpoint_label(args.weights)
+    model_box: dict = {}
+    t0 = time.perf_counter()
+    probe_path = feat_dir / "megaface_facescrub_features.npy"
+    distractor_path = feat_dir / f"megaface_distractor_features_{len(data.distractor_names)}.npy"
+    probes = _features(args, model_box, device, FaceImages(data.probe_paths), probe_path, "FaceScrub", rank)
+    distractors = _features(args, model_box, device, FaceImages(data.distractor_paths), distractor_path,
+                            "MegaFace distractors", rank)
+    if rank != 0:
+        return None
+    t1 = time.perf_counter()
+
+    probe_feats = _normalise(torch.from_numpy(np.array(probes, dtype=np.float32)).to(device))
+    identities = data.probe_identities
+    noise: dict[str, Any] = {"policy": args.noise_policy}
+    if args.facescrub_noises:
+        noisy = facescrub_noise_mask(data.probe_names, read_noise_list(args.facescrub_noises))
+        probe_feats, identities = clean_probe_features(probe_feats, identities, noisy, args.noise_policy)
+        noise["facescrub_listed_in_set"] = int(noisy.sum())
+    keep = None
+    if args.megaface_noises:
+        noisy_d = megaface_noise_mask(data.distractor_names, read_noise_list(args.megaface_noises))
+        keep = ~noisy_d
+        noise["distractors_removed"] = int(noisy_d.sum())
+    result = megaface_metrics(probe_feats, identities, distractors, keep, DEFAULT_RANKS, args.fars,
+                              args.chunk_rows, progress=not args.no_progress and sys.stderr.isatty())
+    result.update({"kind": "megaface", "weights": str(args.weights), "label": label, "noise": noise,
+                   "features": {"facescrub": str(probe_path), "distractors": str(distractor_path)},
+                   "seconds": {"features": t1 - t0, "scoring": time.perf_counter() - t1}})
+
+    header = ["method", "distractors"] + [f"rank-{k}" for k in DEFAULT_RANKS] + \
+             [f"TAR@FAR={f}" for f in result["verification"]["tar_at_far"]]
+    rows = [[label, result["distractors"]]
+            + [f"{100 * result['identification']['rank'][str(k)]:.2f}" for k in DEFAULT_RANKS]
+            + [f"{100 * v:.2f}" for v in result["verification"]["tar_at_far"].values()]]
+    refined = " (refined lists)" if args.facescrub_noises or args.megaface_noises else ""
+    print(format_table(header, rows, f"MegaFace challenge 1{refined} (%)"))
+    json_path, csv_path = write_results(out_dir, "eval_megaface", result, header, rows)
+    print(f"results written to:\n  {json_path}\n  {csv_path}\n  features: {probe_path}, {distractor_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
