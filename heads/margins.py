@@ -6,6 +6,7 @@ Notation: cos_j = <x/|x|, W_j/|W_j|>, y the target class, theta = arccos(cos_y),
     CosFace   s * (cos_y - m)
     ArcFace   s * cos(theta + m)
     combined  s * (cos(m1*theta + m2) - m3)       ArcFace = (1, m, 0), CosFace = (1, 0, m)
+    adaptive  s * (cos_y - k * sg(cos_y))         EPL's prototype margin: value s(1-k)cos_y, gradient of s*cos_y
 
 The combined margin is implemented for ANY (m1, m2, m3). (arcface_torch implements only m1 = 1 and, when m3 > 0,
 applies m3 alone, silently dropping m2; we never ignore a configured margin.) When m1 == 1 and m2 == 0 the formula
@@ -105,7 +106,62 @@ class CombinedMargin:
         return combined_margin(cos_y, self.m1, self.m2, self.m3, self.straight_through)
 
 
+@dataclass(frozen=True)
+class AdaptiveMargin:
+    """EPL's adaptive margin k * sg(cos_y): the target cosine keeps its gradient, its value shrinks to (1-k) cos_y."""
+
+    k: float = 0.7
+
+    def __call__(self, cos_y: Tensor) -> Tensor:
+        return cos_y - self.k * cos_y.detach()
+
+
 TargetMargin = Callable[[Tensor], Tensor]
+
+
+class _ColumnCosine(torch.autograd.Function):
+    """cos_ij = <u_i, w_j> / max(|w_j|, eps) for unit rows u, with a hand-written backward.
+
+    With g = dL/dcos, inv_j = 1 / max(|w_j|, eps):
+        dL/du   = (g * inv) @ w
+        dL/dw_j = sum_i g_ij inv_j u_i  -  (sum_i g_ij cos_ij) inv_j^2 w_j      (second term 0 where |w_j| < eps)
+    Autograd through w / |w| would make several [K, D] passes (division, norm backward, accumulation); this makes
+    one matmul and one fused [K, D] update.
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, w: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+        norm = w.norm(dim=1)
+        inv = 1.0 / norm.clamp_min(eps)
+        cos = (u @ w.T).mul_(inv)
+        ctx.save_for_backward(u, w, inv, cos, norm >= eps)
+        return cos
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        u, w, inv, cos, above_eps = ctx.saved_tensors
+        g_inv = g * inv
+        grad_u = g_inv @ w if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            c = (g * cos).sum(0) * inv * inv * above_eps
+            grad_w = (g_inv.T @ u).addcmul_(w, c.unsqueeze(1), value=-1.0)
+        return grad_u, grad_w, None
+
+
+def cosine(x: Tensor, w: Tensor, eps: float = NORM_EPS) -> Tensor:
+    """[N, K] cosines <x_i/|x_i|, w_j/|w_j|> (= normalize(x) @ normalize(w).T), gradient to x and w.
+
+    Computed as (x/|x| @ w.T) / |w_j| without materialising normalize(w): for a class shard w is the big operand
+    [K, D]; see _ColumnCosine for the backward.
+    """
+    return _ColumnCosine.apply(normalize(x, eps=eps), w, eps)
+
+
+def target_positions(target: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, columns) of the target entries: the samples whose target column is here (target >= 0)."""
+    rows = (target >= 0).nonzero().squeeze(1)
+    return rows, target[rows]
 
 
 def target_mask(cos: Tensor, target: Tensor) -> Tensor:
@@ -125,12 +181,42 @@ def interclass_filter(cos: Tensor, is_target: Tensor, threshold: float) -> Tenso
     return cos.masked_fill((cos > threshold) & ~is_target, 0.0)
 
 
+class _TargetMarginLogits(torch.autograd.Function):
+    """logits = s * cos, the N target entries replaced by s * margin(cos_y): one [N, K] pass each way.
+
+    The margin is any differentiable function of the target cosines; its gradient (N values) comes from autograd
+    on that small function inside the backward. (Autograd on the plain formulation would add an [N, K] zero fill
+    and accumulation for the gathered targets.)
+    """
+
+    @staticmethod
+    def forward(ctx, cos: Tensor, rows: Tensor, cols: Tensor, scale: float,  # type: ignore[override]
+                margin: TargetMargin) -> Tensor:
+        with torch.enable_grad():
+            cos_y = cos[rows, cols].detach().requires_grad_(True)
+            margin_y = margin(cos_y)
+        logits = cos * scale
+        logits[rows, cols] = scale * margin_y.detach().to(logits.dtype)
+        ctx.save_for_backward(rows, cols)
+        ctx.scale, ctx.cos_y, ctx.margin_y = scale, cos_y, margin_y
+        return logits
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        rows, cols = ctx.saved_tensors
+        grad = g * ctx.scale
+        if ctx.margin_y.requires_grad:
+            (grad_y,) = torch.autograd.grad(ctx.margin_y, ctx.cos_y, grad[rows, cols], retain_graph=True)
+            grad[rows, cols] = grad_y.to(grad.dtype)
+        else:
+            grad[rows, cols] = 0.0
+        return grad, None, None, None, None
+
+
 def margin_logits(cos: Tensor, target: Tensor, margin: TargetMargin, scale: float,
                   filter_threshold: float = 0.0) -> Tensor:
     """s * [cosines with filtering and the target margin]: [N, K] cosines, target [N] in [-1, K) -> logits."""
-    is_target = target_mask(cos, target)
-    cos = interclass_filter(cos, is_target, filter_threshold)
-    if cos.shape[1] == 0:
-        return scale * cos
-    cos_y = cos.gather(1, target.clamp_min(0).unsqueeze(1))  # [N, 1]; rows without a target are masked below
-    return scale * torch.where(is_target, margin(cos_y), cos)
+    if filter_threshold > 0:
+        cos = interclass_filter(cos, target_mask(cos, target), filter_threshold)
+    rows, cols = target_positions(target)
+    return _TargetMarginLogits.apply(cos, rows, cols, float(scale), margin)

@@ -2,28 +2,34 @@
 
 Per step (N = W*B gathered samples, C_local = this rank's classes):
 
-    X, Y     = gather_embeddings(x_local), gather_labels(y_local)          heads/comm.py
+    X, Y     = gather_embeddings(x_local), gather_labels(y_local)          heads/comm.py       gather()
     S        = sampled local classes (sorted): every class of this shard present in Y, plus random others up to
-               int(r * C_local); r == 1: all classes, r == 0: positives only
+               int(r * C_local); r == 1: all classes, r == 0: positives only                    sample()
     W_S      = weight[S] as a fresh leaf tensor (the gradient is [|S|, D], never a dense [C_local, D])
-    cos      = normalize(X) @ normalize(W_S).T                              [N, |S|]
+    cos      = normalize(X) @ normalize(W_S).T  (as (X/|X| @ W_S.T) / |W_j|)    [N, |S|]    score()
     logits   = s * (cos with filtering and the target margin)               heads/margins.py
-    loss     = dist_cross_entropy(logits, target relabelled into S)         heads/dist_softmax.py
+    loss     = dist_cross_entropy(logits, target relabelled into S)         heads/dist_softmax.py  criterion()
 
 The centres and their SGD momentum are BUFFERS (weight, weight_momentum; dim 0 = class), so the head's memory per
 rank is 2 x shard, and they checkpoint and reshard with the state dict. heads/optim.py steps the sampled rows.
+
+Other sample-to-class losses (heads/uce.py, heads/gb_cosface.py) subclass PartialFC and replace ``criterion``; the
+embedded losses (heads/embedded.py) reuse gather / score and hand the same sampled classes to a memory term.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from heads.comm import gather_embeddings, gather_labels
 from heads.dist_softmax import dist_cross_entropy, dist_top1_correct
-from heads.margins import CombinedMargin, TargetMargin, margin_logits, normalize
+from heads.margins import CombinedMargin, TargetMargin, cosine, margin_logits
 from heads.partition import ClassPartition
+from heads.rows import RowSparseRows
 
 INIT_BLOCK = 4096
 """Centres are drawn in blocks of this many classes, each from its own seed: the initial centre of a class does not
@@ -60,7 +66,34 @@ def init_centres(start: int, num_local: int, embedding_size: int, std: float, se
     return out
 
 
-class PartialFC(nn.Module):
+@dataclass
+class ShardBatch:
+    """The gathered global batch as this rank sees it."""
+
+    X: Tensor      # [N, D] embeddings of all ranks (autograd: backward sums shard parts, x W; heads/comm.py)
+    Y: Tensor      # [N] global labels
+    local: Tensor  # [N] local class index of each label, -1 where another rank owns the class
+
+    @property
+    def size(self) -> int:
+        return self.X.shape[0]
+
+
+@dataclass
+class ClassScores:
+    """This rank's sampled classes and the cosines of the batch to their centres."""
+
+    index: Tensor | None  # sorted local indices of the sampled classes (None = all of the shard)
+    target: Tensor        # [N] column of each sample's class within the sampled classes, -1 where not here
+    cos: Tensor | None    # [N, K] normalize(X) . normalize(W_S); None when only the sampling was asked for
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Head arithmetic runs in the head's own precision (float32 / float64), never under autocast."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+class PartialFC(RowSparseRows, nn.Module):
     """Class-sharded margin-softmax head. ``forward(x_local, labels_local) -> (loss, logs)``.
 
     loss: the global-batch mean, identical on every rank. logs: ``accuracy`` (0-dim tensor, top-1 of the global
@@ -72,11 +105,12 @@ class PartialFC(nn.Module):
                  init_std: float = 0.01, seed: int = 0) -> None:
         super().__init__()
         if not isinstance(partition, ClassPartition):
-            raise HeadInputError(f"PartialFC: partition must be a ClassPartition, got {type(partition).__name__}")
+            raise HeadInputError(f"{type(self).__name__}: partition must be a ClassPartition, got "
+                                 f"{type(partition).__name__}")
         if not 0.0 <= sample_rate <= 1.0:
-            raise HeadInputError(f"PartialFC: sample_rate must be in [0, 1], got {sample_rate}")
+            raise HeadInputError(f"{type(self).__name__}: sample_rate must be in [0, 1], got {sample_rate}")
         if embedding_size < 1:
-            raise HeadInputError(f"PartialFC: embedding_size must be >= 1, got {embedding_size}")
+            raise HeadInputError(f"{type(self).__name__}: embedding_size must be >= 1, got {embedding_size}")
         self.partition = partition
         self.embedding_size = embedding_size
         self.num_classes = partition.num_classes
@@ -89,13 +123,17 @@ class PartialFC(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("weight_momentum", torch.zeros_like(weight))
         self._generator: torch.Generator | None = None
-        self._pending: list[tuple[Tensor | None, Tensor]] = []  # (sampled rows or None = all, leaf) since last step
+        self._init_rows()
         self.last_sampled: Tensor | None = None  # sorted local indices of the last forward (None = all classes)
 
     # --- state ---------------------------------------------------------------------------------------------------
     def per_class_buffers(self) -> list[str]:
         """Buffers whose dim 0 is this rank's classes (resharded when the number of ranks changes)."""
         return ["weight", "weight_momentum"]
+
+    def learned_thresholds(self) -> dict[str, float]:
+        """Cosine thresholds the loss learns (none for margin softmax; see UCE, USS, GB-CosFace)."""
+        return {}
 
     def _sampler(self) -> torch.Generator:
         device = self.weight.device
@@ -122,7 +160,7 @@ class PartialFC(nn.Module):
             return
         gen.set_state(state["sampler_state"])
 
-    # --- one step ------------------------------------------------------------------------------------------------
+    # --- one step, in parts --------------------------------------------------------------------------------------
     def sample_classes(self, local_labels: Tensor) -> Tensor | None:
         """Sorted local indices of this step's classes (None = all): positives, filled with random others."""
         if self.sample_rate >= 1.0:
@@ -137,71 +175,55 @@ class PartialFC(nn.Module):
         return torch.topk(score, num_sample).indices.sort().values
 
     def _check_inputs(self, x_local: Tensor, labels_local: Tensor) -> None:
+        name = type(self).__name__
         if x_local.ndim != 2 or x_local.shape[1] != self.embedding_size:
-            raise HeadInputError(f"PartialFC: embeddings must be [B, {self.embedding_size}], got "
+            raise HeadInputError(f"{name}: embeddings must be [B, {self.embedding_size}], got "
                                  f"{list(x_local.shape)}")
         if labels_local.shape != (x_local.shape[0],):
-            raise HeadInputError(f"PartialFC: labels must be [B] = [{x_local.shape[0]}], got "
+            raise HeadInputError(f"{name}: labels must be [B] = [{x_local.shape[0]}], got "
                                  f"{list(labels_local.shape)}")
         if labels_local.is_floating_point() or labels_local.is_complex():
-            raise HeadInputError(f"PartialFC: labels must be an integer tensor, got {labels_local.dtype}")
+            raise HeadInputError(f"{name}: labels must be an integer tensor, got {labels_local.dtype}")
 
-    def forward(self, x_local: Tensor, labels_local: Tensor) -> tuple[Tensor, dict]:
+    def gather(self, x_local: Tensor, labels_local: Tensor) -> ShardBatch:
+        """Check the inputs, all-gather embeddings and labels, map labels to this shard."""
         self._check_inputs(x_local, labels_local)
         X = gather_embeddings(x_local)
         Y = gather_labels(labels_local.to(device=x_local.device, dtype=torch.long))
         if Y.numel() and bool(((Y < 0) | (Y >= self.num_classes)).any()):
-            raise HeadInputError(f"PartialFC: labels must lie in [0, {self.num_classes}), got min {int(Y.min())} "
-                                 f"max {int(Y.max())} in the gathered batch")
-        local = self.partition.to_local(Y)
-        index = self.sample_classes(local)
+            raise HeadInputError(f"{type(self).__name__}: labels must lie in [0, {self.num_classes}), got min "
+                                 f"{int(Y.min())} max {int(Y.max())} in the gathered batch")
+        return ShardBatch(X, Y, self.partition.to_local(Y))
+
+    def score(self, batch: ShardBatch, with_cosines: bool = True) -> ClassScores:
+        """Sample this step's classes; with ``with_cosines`` take their centres as a tracked leaf and score them."""
+        index = self.sample_classes(batch.local)
         self.last_sampled = index
-        track = self.training and torch.is_grad_enabled()
-        rows = self.weight if index is None else self.weight[index]
-        w = rows.detach().requires_grad_(track)  # a fresh leaf: the gradient is for the sampled rows only
         if index is None:
-            target = local
+            target = batch.local
         else:
-            position = torch.searchsorted(index, local.clamp_min(0))
-            target = torch.where(local >= 0, position, torch.full_like(local, -1))
-        with torch.autocast(device_type=X.device.type, enabled=False):
-            cos = normalize(X.to(w.dtype)) @ normalize(w).T
-            logits = margin_logits(cos, target, self.margin, self.scale, self.interclass_filtering_threshold)
-            loss = dist_cross_entropy(logits, target)
-        if track:
-            self._pending.append((index, w))
-        accuracy = dist_top1_correct(cos, target).to(cos.dtype).mean()
-        return loss, {"accuracy": accuracy, "num_sampled": w.shape[0]}
+            position = torch.searchsorted(index, batch.local.clamp_min(0))
+            target = torch.where(batch.local >= 0, position, torch.full_like(batch.local, -1))
+        if not with_cosines:
+            return ClassScores(index, target, None)
+        w = self.leaf_rows(index, track=self.training and torch.is_grad_enabled())
+        return ClassScores(index, target, cosine(batch.X.to(w.dtype), w))
 
-    # --- what heads/optim.py steps -------------------------------------------------------------------------------
-    def pop_row_grads(self) -> tuple[Tensor | None, Tensor] | None:
-        """(rows, grad) accumulated over the forwards since the last call, and forget them.
+    def criterion(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
+        """Margin softmax cross-entropy over the sampled classes of all ranks."""
+        logits = margin_logits(scores.cos, scores.target, self.margin, self.scale,
+                               self.interclass_filtering_threshold)
+        return dist_cross_entropy(logits, scores.target), self.score_logs(scores)
 
-        rows: sorted unique local indices, or None for every row; grad: [len(rows) or C_local, D].
-        None when no forward produced a gradient.
-        """
-        pending = [(index, w.grad) for index, w in self._pending if w.grad is not None]
-        self._pending.clear()
-        if not pending:
-            return None
-        if len(pending) == 1:
-            return pending[0]
-        if any(index is None for index, _ in pending):
-            grad = torch.zeros_like(self.weight)
-            for index, g in pending:
-                if index is None:
-                    grad.add_(g)
-                else:
-                    grad.index_add_(0, index, g)
-            return None, grad
-        rows, inverse = torch.unique(torch.cat([index for index, _ in pending]), sorted=True, return_inverse=True)
-        grad = torch.zeros(rows.numel(), self.embedding_size, dtype=self.weight.dtype, device=self.weight.device)
-        grad.index_add_(0, inverse, torch.cat([g for _, g in pending]))
-        return rows, grad
+    def score_logs(self, scores: ClassScores) -> dict:
+        """Top-1 accuracy of the global batch on the sampled cosines, and this rank's number of sampled classes."""
+        accuracy = dist_top1_correct(scores.cos, scores.target).to(scores.cos.dtype).mean()
+        return {"accuracy": accuracy, "num_sampled": scores.cos.shape[1]}
 
-    def clear_row_grads(self) -> None:
-        """Drop the gradients of past forwards (zero_grad)."""
-        self._pending.clear()
+    def forward(self, x_local: Tensor, labels_local: Tensor) -> tuple[Tensor, dict]:
+        with no_autocast(x_local.device):
+            batch = self.gather(x_local, labels_local)
+            return self.criterion(batch, self.score(batch))
 
     def extra_repr(self) -> str:
         p = self.partition

@@ -1,0 +1,207 @@
+"""Benchmark: one head step per loss family on W ranks, side by side with plain CosFace in the same run.
+
+A head step = forward (gather, sampling, cosines, loss) + backward + the head optimizer step + zero_grad, on the
+class-sharded head of one rank, with random embeddings [B, D] per rank (no backbone). Memory terms are measured with
+a full memory (every row written) and switched on (epoch past their start).
+
+Timing is paired: each family runs in the same processes as a CosFace head, the two stepped alternately on the same
+batches, and the ratio is median(family) / median(CosFace), so slow drifts of machine load cancel (a shared CPU is
+noisy). Memory is measured separately, the family alone in fresh processes: the head state (buffers + parameters)
+and the peak resident memory (ru_maxrss: state + the step's working set + the Python/torch runtime).
+
+    python -m bench.bench_heads          # 100k classes at r = 1 and 0.1, 1M at r = 0.1; 2 CPU gloo ranks
+    python -m bench.bench_heads --settings 100000:1.0 --families cosface unitsface --steps 3
+
+Each (classes, rate, family) runs in fresh forked processes (so ru_maxrss is that family's own peak). Results are
+printed as a table and, with --out, written to a text file (bench/results/heads_*.txt) with the machine named.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from heads import EmbeddedLoss, build_head
+from heads.optim import HeadOptimizer
+from heads.partition import ClassPartition
+
+FAMILIES = {
+    "cosface": {"loss": "cosface"},
+    "arcface": {"loss": "arcface"},
+    "uce": {"loss": "uce"},
+    "gb_cosface": {"loss": "gb_cosface", "scale": 32.0},
+    "unitsface": {"loss": "unitsface"},                       # CosFace + USS
+    "cosface_s2s_softmax": {"loss": "cosface_s2s_softmax"},
+    "cosface_s2s_bce": {"loss": "cosface_s2s_bce"},
+    "epl": {"loss": "epl"},                                   # CosFace + prototypes
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _state_mb(head: torch.nn.Module) -> float:
+    tensors = list(head.buffers()) + list(head.parameters())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
+
+
+def _fill_memory(head: torch.nn.Module, dim: int, seed: int) -> None:
+    """Every memory row / prototype written (a full memory: the steady state after the first epoch)."""
+    if not isinstance(head, EmbeddedLoss):
+        return
+    memory = head.s2s.memory
+    name = "features" if hasattr(memory, "features") else "prototypes"
+    rows = getattr(memory, name)
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, rows.shape[0], 65536):  # in blocks: no second full-size temporary
+        block = rows[start:start + 65536]
+        block.copy_(torch.nn.functional.normalize(torch.randn(block.shape, generator=g), dim=1))
+    memory.valid.fill_(True)
+    head.set_epoch(max(head.start_epoch, 0))
+
+
+def _head(cfg: dict, num_classes: int, dim: int, part: ClassPartition, rank: int):
+    head = build_head(cfg, num_classes, dim, part, seed=0)
+    _fill_memory(head, dim, seed=rank)
+    return head, HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def _step(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
+    """One timed head step; the ranks start it together (a barrier), so no rank's time holds another's lag."""
+    if dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    loss, _ = head(x.requires_grad_(True), labels)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return time.perf_counter() - t0
+
+
+def _rank_paired(rank: int, world_size: int, cfg: dict, num_classes: int, dim: int, batch: int, steps: int,
+                 warmup: int) -> dict:
+    """CosFace and ``cfg`` stepped alternately on the same batches: the ratio cancels slow drifts in machine load."""
+    part = ClassPartition(num_classes, world_size, rank)
+    cosface = {**FAMILIES["cosface"], "sample_rate": cfg["sample_rate"]}  # the same sample rate
+    pair = {"cosface": _head(cosface, num_classes, dim, part, rank), "family": _head(cfg, num_classes, dim, part, rank)}
+    g = torch.Generator().manual_seed(100 + rank)
+    times: dict[str, list[float]] = {"cosface": [], "family": []}
+    for step in range(warmup + steps):
+        x = torch.randn(batch, dim, generator=g)
+        labels = torch.randint(0, num_classes, (batch,), generator=g)
+        for name, (head, opt) in pair.items():
+            dt = _step(head, opt, x.clone(), labels)
+            if step >= warmup:
+                times[name].append(dt)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _rank_memory(rank: int, world_size: int, cfg: dict, num_classes: int, dim: int, batch: int) -> dict:
+    """The family alone in fresh processes: its head state and the peak resident memory of a step."""
+    part = ClassPartition(num_classes, world_size, rank)
+    head, opt = _head(cfg, num_classes, dim, part, rank)
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(2):
+        _step(head, opt, torch.randn(batch, dim, generator=g), torch.randint(0, num_classes, (batch,), generator=g))
+    return {"state_mb": _state_mb(head), "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run(settings: list[tuple[int, float]], families: list[str], world_size: int, dim: int, batch: int,
+        steps: int, warmup: int) -> list[dict]:
+    from tests.distributed import run_ranks  # the gloo fork harness of the test suite
+
+    rows = []
+    for num_classes, rate in settings:
+        for family in families:
+            cfg = {**FAMILIES[family], "sample_rate": rate}
+            if family == "cosface":
+                ratio, step_s = None, None
+            else:
+                timed = run_ranks(_rank_paired, world_size, cfg, num_classes, dim, batch, steps, warmup,
+                                  timeout=3600)
+                base = max(r["cosface"] for r in timed)  # the slowest rank sets the pace
+                step_s = max(r["family"] for r in timed)
+                ratio = step_s / base
+            memory = run_ranks(_rank_memory, world_size, cfg, num_classes, dim, batch, timeout=3600)
+            row = {"classes": num_classes, "rate": rate, "family": family, "step_s": step_s, "ratio": ratio,
+                   "cosface_s": None if family == "cosface" else base,
+                   "state_mb": max(r["state_mb"] for r in memory), "peak_mb": max(r["peak_mb"] for r in memory)}
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = (f"{'classes':>9} {'rate':>5} {'family':<20} {'step ms/rank':>12} {'CosFace ms':>10} {'x CosFace':>9} "
+          f"{'state MB/rank':>13} {'peak RSS MB/rank':>16}")
+
+
+def format_row(r: dict) -> str:
+    def ms(v):
+        return "-" if v is None else f"{1000 * v:.1f}"
+    ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+    return (f"{r['classes']:>9} {r['rate']:>5} {r['family']:<20} {ms(r['step_s']):>12} {ms(r['cosface_s']):>10} "
+            f"{ratio:>9} {r['state_mb']:>13.0f} {r['peak_mb']:>16.0f}")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = f"{names[0]} x {len(names)} logical"
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return f"{cpu}, {mem:.0f} GiB RAM, torch {torch.__version__}, {platform.system()} {platform.release()}"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=["100000:1.0", "100000:0.1", "1000000:0.1"],
+                   help="CLASSES:SAMPLE_RATE pairs")
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--batch", type=int, default=128, help="per rank")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None, help="write the table here (bench/results/heads_*.txt)")
+    a = p.parse_args(argv)
+    if "cosface" not in a.families:
+        a.families = ["cosface"] + a.families  # the reference column
+    else:
+        a.families = ["cosface"] + [f for f in a.families if f != "cosface"]
+    title = (f"head step per loss family: {a.world_size} gloo ranks x 1 thread, B={a.batch}/rank "
+             f"(N={a.world_size * a.batch}), D={a.dim}, float32, median of {a.steps} steps after {a.warmup} warm-up, "
+             f"each family stepped alternately with CosFace in the same processes")
+    print(title)
+    print("machine:", machine())
+    print(HEADER, flush=True)
+    settings = []
+    for item in a.settings:
+        try:
+            classes, rate = item.split(":")
+            settings.append((int(classes), float(rate)))
+        except ValueError:
+            p.error(f"--settings: expected CLASSES:SAMPLE_RATE (e.g. 100000:0.1), got {item!r}")
+    rows = run(settings, a.families, a.world_size, a.dim, a.batch, a.steps, a.warmup)
+    if a.out is not None:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text("\n".join([title, f"machine: {machine()}", f"command: python -m bench.bench_heads "
+                                    f"{' '.join(argv) if argv else ''}".rstrip(), HEADER]
+                                   + [format_row(r) for r in rows]) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The class memory shard: per-class feature state owned by the same rank and class range as the centres.
+
+Two update rules, both applied to the GATHERED batch (every rank sees the same N samples in rank order), each rank
+writing only the rows of the classes it owns:
+
+* ``LatestFeatureMemory`` (UniTSFace's USS / s2s terms): row j = the most recent detached embedding of class j,
+  written AFTER the loss (a sample is never scored against itself). ``valid`` marks rows ever written: rows never
+  written take no part in any loss (the official code reads uninitialised memory there).
+* ``PrototypeMemory`` (EPL): unit prototypes, updated BEFORE the loss with the softsign rule
+      c = <P_y, x/|x|>,  a = c / (1 + |c|),  P_y <- normalize(a * P_y + (1 - a) * x/|x|)
+  so low-similarity (hard) samples move their prototype more. Initialisation: "feature" (a class's first feature
+  seen, the cleaner start) or "noise" (the official code: unnormalised N(0, 1) rows, norm ~ sqrt(D)).
+
+Duplicate labels in one batch: the LAST occurrence in the gathered batch wins (one write per class per step, from
+the state before the step). The gathered order is rank order, so the rule is the same on any number of ranks.
+
+All state is buffers (dim 0 = class): it checkpoints with the head and reshards with ``per_class_buffers``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from heads.margins import normalize
+from heads.partial_fc import derive_seed, init_centres
+from heads.partition import ClassPartition
+
+PROTOTYPE_INITS = ("feature", "noise")
+
+
+def last_occurrence(local: Tensor) -> tuple[Tensor, Tensor]:
+    """(classes, positions): each local class present (sorted) and the position of its last sample in the batch."""
+    positions = (local >= 0).nonzero().squeeze(1)
+    classes, inverse = torch.unique(local[positions], sorted=True, return_inverse=True)
+    last = torch.full_like(classes, -1).scatter_reduce_(0, inverse, positions, reduce="amax")
+    return classes, last
+
+
+class LatestFeatureMemory(nn.Module):
+    """Buffers ``features`` [C_local, D] (the latest embedding of each class) and ``valid`` [C_local] (written)."""
+
+    def __init__(self, partition: ClassPartition, embedding_size: int) -> None:
+        super().__init__()
+        self.partition = partition
+        self.register_buffer("features", torch.zeros(partition.num_local, embedding_size))
+        self.register_buffer("valid", torch.zeros(partition.num_local, dtype=torch.bool))
+
+    def per_class_buffers(self) -> list[str]:
+        return ["features", "valid"]
+
+    def rows(self, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(features, valid) of the rows ``index`` (all when None), as copies.
+
+        Copies, because the loss's autograd graph keeps the rows for the backward while ``write`` changes the
+        memory after the forward (autograd would raise on the in-place change otherwise).
+        """
+        if index is None:
+            return self.features.clone(), self.valid
+        return self.features[index], self.valid[index]
+
+    @torch.no_grad()
+    def write(self, X: Tensor, local: Tensor) -> None:
+        """features[y] <- X_i (detached) for the last sample i of each owned class y."""
+        classes, last = last_occurrence(local)
+        self.features.index_copy_(0, classes, X.detach()[last].to(self.features.dtype))
+        self.valid[classes] = True
+
+    @torch.no_grad()
+    def filled(self) -> Tensor:
+        """Rows written so far on this rank (0-dim tensor: no device sync)."""
+        return self.valid.sum()
+
+
+class PrototypeMemory(nn.Module):
+    """Buffers ``prototypes`` [C_local, D] and ``valid`` [C_local] (initialised); the softsign update rule."""
+
+    def __init__(self, partition: ClassPartition, embedding_size: int, init: str = "feature", seed: int = 0) -> None:
+        super().__init__()
+        if init not in PROTOTYPE_INITS:
+            raise ValueError(f"PrototypeMemory: init must be one of {PROTOTYPE_INITS}, got {init!r}")
+        self.partition = partition
+        self.init = init
+        if init == "noise":  # drawn per block of classes: the same rows on any number of ranks
+            rows = init_centres(partition.start, partition.num_local, embedding_size, 1.0, derive_seed(seed, 0xE91))
+            valid = torch.ones(partition.num_local, dtype=torch.bool)
+        else:
+            rows = torch.zeros(partition.num_local, embedding_size)
+            valid = torch.zeros(partition.num_local, dtype=torch.bool)
+        self.register_buffer("prototypes", rows)
+        self.register_buffer("valid", valid)
+
+    def per_class_buffers(self) -> list[str]:
+        return ["prototypes", "valid"]
+
+    def rows(self, index: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(prototypes, valid) of the rows ``index`` (all when None: the buffers; updated only before a loss)."""
+        if index is None:
+            return self.prototypes, self.valid
+        return self.prototypes[index], self.valid[index]
+
+    @torch.no_grad()
+    def update(self, X: Tensor, local: Tensor) -> None:
+        """Softsign update of P_y from the last sample of each owned class y (first sight: P_y <- x/|x|)."""
+        classes, last = last_occurrence(local)
+        x = normalize(X.detach()[last].to(self.prototypes.dtype))
+        P = self.prototypes[classes]
+        c = (P * x).sum(1, keepdim=True)
+        a = c / (1.0 + c.abs())
+        moved = normalize(a * P + (1.0 - a) * x)
+        new = torch.where(self.valid[classes].unsqueeze(1), moved, x)
+        self.prototypes.index_copy_(0, classes, new)
+        self.valid[classes] = True
+
+    @torch.no_grad()
+    def filled(self) -> Tensor:
+        """Rows initialised so far on this rank (0-dim tensor)."""
+        return self.valid.sum()

@@ -1,0 +1,181 @@
+"""UniTSFace's sample-to-sample terms over the latest-feature memory (heads/memory.py), class-sharded.
+
+Each sample x_i of the gathered batch is scored against the memory rows of this rank's sampled classes S:
+cos_ij = <x_i/|x_i|, M_j/|M_j|>; its own class's row M_y is the one positive, every other row a negative; rows never
+written take no part. With s the scale, m the margin, b the learnable bias (t = b/s, the unified threshold):
+
+    USS          sum_i [ softplus(-(s(cos_iy - m) - b)) + sum_{j != y} softplus(s cos_ij - b) ] / N
+    s2s BCE      the same with one bias per class: b_y for the positive, b_j for each negative
+    s2s softmax  mean_i -log softmax_j(s (cos_ij - m [j = y]))_y        (samples whose M_y is written)
+
+The BCE sums are per-class sums: each rank adds its columns (heads/bce.py); the softmax normaliser is a distributed
+logsumexp (heads/dist_softmax.py). Every term returns the global loss on every rank.
+
+Data-driven bias (official code): when b <= 0, b <- mean_i logsumexp_{j != y}(s cos_ij) before the loss (USS), a
+global value, identical on all ranks. s2s BCE: when the mean of all class biases is <= 0, that value is ADDED to
+every class bias. The memory is written AFTER the loss (``after_loss``), from epoch 0 on, even while the term is not
+yet part of the loss (heads/embedded.py), so it is full when the term starts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from heads.bce import bce_class_sum, global_bce_mean, negatives_logsumexp_mean
+from heads.comm import all_reduce_sum_
+from heads.dist_softmax import dist_log_softmax_target
+from heads.margins import CombinedMargin, TargetMargin, cosine, margin_logits, target_positions
+from heads.memory import LatestFeatureMemory
+from heads.partial_fc import ClassScores, ShardBatch
+from heads.partition import ClassPartition
+from heads.rows import ClassBias
+
+
+class MemoryTerm(nn.Module):
+    """A sample-to-sample loss over a class memory shard, driven by heads/embedded.py each step:
+
+    ``before_loss(batch)`` (training) -> ``loss(batch, scores)`` (when the term is active) -> ``after_loss(batch)``
+    (training). ``scores`` carries the sampled classes of the sample-to-class head: the memory term uses the same.
+    """
+
+    memory: nn.Module
+
+    def before_loss(self, batch: ShardBatch) -> None:
+        """State update before the loss (EPL's prototypes)."""
+
+    def after_loss(self, batch: ShardBatch) -> None:
+        """State update after the loss (the latest-feature memory)."""
+
+    def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
+        raise NotImplementedError
+
+    def per_class_buffers(self) -> list[str]:
+        names = [f"memory.{n}" for n in self.memory.per_class_buffers()]
+        for name, module in self.named_children():
+            if isinstance(module, ClassBias):
+                names += [f"{name}.{n}" for n in module.per_class_buffers()]
+        return names
+
+    def learned_thresholds(self) -> dict[str, float]:
+        return {}
+
+    def cosines(self, batch: ShardBatch, rows: Tensor) -> Tensor:
+        """[N, K] cosines of the gathered batch to memory rows (in the memory's precision)."""
+        return cosine(batch.X.to(rows.dtype), rows)
+
+
+def memory_cross_entropy(cos: Tensor, target: Tensor, columns: Tensor, margin: TargetMargin,
+                         scale: float) -> Tensor:
+    """Softmax cross-entropy over memory columns of all ranks, positive with ``margin``, unwritten columns out.
+
+    Averaged over the samples whose positive row is written (on any rank); 0 (with a graph) when there is none.
+    """
+    logits = margin_logits(cos, target, margin, scale)
+    if not bool(columns.all()):
+        logits = logits.masked_fill(~columns.unsqueeze(0), float("-inf"))
+    with torch.no_grad():
+        local = torch.zeros(cos.shape[0], dtype=cos.dtype, device=cos.device)
+        positive_rows, positive_cols = target_positions(target)
+        local[positive_rows] = columns[positive_cols].to(cos.dtype)
+        has_positive = all_reduce_sum_(local) > 0  # the same rows on every rank
+    if not bool(has_positive.any()):
+        return cos.sum() * 0.0
+    if bool(has_positive.all()):
+        return -dist_log_softmax_target(logits, target).mean()
+    rows = has_positive.nonzero().squeeze(1)
+    return -dist_log_softmax_target(logits[rows], target[rows]).mean()
+
+
+class USS(MemoryTerm):
+    """Unified-threshold sample-to-sample loss: one learnable scalar bias b, t = b / s."""
+
+    def __init__(self, partition: ClassPartition, embedding_size: int, scale: float = 64.0, margin: float = 0.1,
+                 clamp: bool = True) -> None:
+        super().__init__()
+        self.memory = LatestFeatureMemory(partition, embedding_size)
+        self.scale, self.margin, self.clamp = float(scale), float(margin), bool(clamp)
+        self.bias = nn.Parameter(torch.zeros(()))  # b <= 0: (re-)initialised from the data before the loss
+
+    def after_loss(self, batch: ShardBatch) -> None:
+        self.memory.write(batch.X, batch.local)
+
+    def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
+        rows, columns = self.memory.rows(scores.index)
+        cos = self.cosines(batch, rows)
+        if self.training and bool(self.bias.detach() <= 0):
+            data_bias = negatives_logsumexp_mean(cos, scores.target, self.scale, columns)
+            if data_bias is not None:
+                with torch.no_grad():
+                    self.bias.copy_(data_bias)
+        local = bce_class_sum(cos, scores.target, CombinedMargin(1.0, 0.0, self.margin), self.scale, self.bias,
+                              clamp=self.scale if self.clamp else None, columns=columns)
+        b = self.bias.detach()
+        return global_bce_mean(local, batch.size), {"b_uss": b.clone(), "t_uss": b / self.scale}
+
+    def learned_thresholds(self) -> dict[str, float]:
+        return {"t_uss": float(self.bias.detach()) / self.scale}
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, margin={self.margin}, clamp={self.clamp}"
+
+
+class S2SBCE(MemoryTerm):
+    """Sample-to-sample BCE: one learnable bias per class, sharded with the classes (heads/rows.py)."""
+
+    def __init__(self, partition: ClassPartition, embedding_size: int, scale: float = 64.0, margin: float = 0.1,
+                 clamp: bool = True) -> None:
+        super().__init__()
+        self.partition = partition
+        self.memory = LatestFeatureMemory(partition, embedding_size)
+        self.class_bias = ClassBias(partition, 0.0)
+        self.scale, self.margin, self.clamp = float(scale), float(margin), bool(clamp)
+
+    def after_loss(self, batch: ShardBatch) -> None:
+        self.memory.write(batch.X, batch.local)
+
+    @torch.no_grad()
+    def mean_bias(self) -> Tensor:
+        """Mean of the class biases over all classes of all ranks."""
+        return all_reduce_sum_(self.class_bias.weight.sum().reshape(1))[0] / self.partition.num_classes
+
+    def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
+        rows, columns = self.memory.rows(scores.index)
+        cos = self.cosines(batch, rows)
+        if self.training and bool(self.mean_bias() <= 0):
+            data_bias = negatives_logsumexp_mean(cos, scores.target, self.scale, columns)
+            if data_bias is not None:
+                with torch.no_grad():
+                    self.class_bias.weight.add_(data_bias.to(self.class_bias.weight.dtype))
+        bias = self.class_bias.leaf_rows(scores.index, track=self.training and torch.is_grad_enabled())
+        local = bce_class_sum(cos, scores.target, CombinedMargin(1.0, 0.0, self.margin), self.scale, bias,
+                              clamp=self.scale if self.clamp else None, columns=columns)
+        mean_b = self.mean_bias()
+        return global_bce_mean(local, batch.size), {"b_s2s_mean": mean_b, "t_s2s_mean": mean_b / self.scale}
+
+    def learned_thresholds(self) -> dict[str, float]:
+        return {"t_s2s_mean": float(self.mean_bias()) / self.scale}
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, margin={self.margin}, clamp={self.clamp}"
+
+
+class S2SSoftmax(MemoryTerm):
+    """Sample-to-sample softmax: cross-entropy over the memory rows, positive reduced by m."""
+
+    def __init__(self, partition: ClassPartition, embedding_size: int, scale: float = 64.0,
+                 margin: float = 0.1) -> None:
+        super().__init__()
+        self.memory = LatestFeatureMemory(partition, embedding_size)
+        self.scale, self.margin = float(scale), float(margin)
+
+    def after_loss(self, batch: ShardBatch) -> None:
+        self.memory.write(batch.X, batch.local)
+
+    def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
+        rows, columns = self.memory.rows(scores.index)
+        cos = self.cosines(batch, rows)
+        loss = memory_cross_entropy(cos, scores.target, columns, CombinedMargin(1.0, 0.0, self.margin), self.scale)
+        return loss, {}
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, margin={self.margin}"
