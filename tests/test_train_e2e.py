@@ -93,3 +93,39 @@ def test_bad_override_is_a_clear_error(data_dir):
     p = run(["configs/base.yaml", f"data.root={data_dir}", "train.batch_sise=8"], nproc=1, check=False)
     assert p.returncode != 0
     assert "unknown config key `train.batch_sise`; did you mean `train.batch_size`?" in p.stderr + p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_deepspeed_no_python_launch(data_dir, tmp_path):
+    """`deepspeed --no_python ./run.sh ...`: the launcher starts run.sh per rank with --local_rank=N and RANK set."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        env.pop(k, None)
+    port = str(__import__("tests.distributed", fromlist=["free_port"]).free_port())
+    out = tmp_path / "ds"
+    p = subprocess.run([str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port", port,
+                        "--no_python", "./run.sh", "configs/base.yaml", *TINY, f"data.root={data_dir}",
+                        f"output={out}", "train.epochs=1", "train.max_steps=2"],
+                       cwd=REPO, env={**env, "PATH": f"{REPO / '.venv' / 'bin'}:{env['PATH']}"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "rank 0/2 via deepspeed" in log and "step 2/2" in log
+
+
+@pytest.mark.slow
+def test_srun_task_runs_the_trainer_directly(data_dir, tmp_path):
+    """Under srun every task runs ./run.sh; it must notice it is a rank (SLURM step variables) and not relaunch."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+           "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "localhost",
+           "MASTER_PORT": str(__import__("tests.distributed", fromlist=["free_port"]).free_port())}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    out = tmp_path / "srun"
+    p = subprocess.run([str(REPO / "run.sh"), "configs/base.yaml", *TINY, f"data.root={data_dir}", f"output={out}",
+                        "train.epochs=1", "train.max_steps=2"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "rank 0/1 via slurm on cpu" in p.stdout
+    assert "launch.py" not in p.stdout + p.stderr  # the deepspeed launcher was not involved
