@@ -1,0 +1,93 @@
+"""Build a backbone for evaluation from any checkpoint: ours or an arcface_torch ``backbone.pth``.
+
+Two layouts are accepted:
+- a file: an arcface_torch-style ``backbone.pth`` state dict — the network name must be given;
+- a directory holding ``backbone.pth`` + ``config.yaml`` (our checkpoints): the YAML has a top-level ``model:``
+  mapping whose ``name`` is the network and whose other keys, except ``precision``, are ``get_model`` kwargs.
+
+Eval depends on backbones only, never on trainer internals: the YAML is read here, plainly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import backbones
+
+__all__ = ["CheckpointError", "read_model_config", "load_model_for_eval"]
+
+BACKBONE_FILE = "backbone.pth"
+CONFIG_FILE = "config.yaml"
+_NOT_MODEL_KWARGS = ("name", "precision")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path or its config.yaml cannot be turned into a model."""
+
+
+def read_model_config(config_path: str | os.PathLike) -> dict[str, Any]:
+    """The ``model:`` mapping of a config.yaml (must contain a string ``name``)."""
+    path = Path(config_path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{path}: expected a top-level 'model:' mapping")
+    model = dict(cfg["model"])
+    extra = model.pop("kwargs", None) or {}  # the trainer's `model.kwargs:` (tiny-family widths/depths)
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path}: key 'model.kwargs' must be a mapping, got {extra!r}")
+    model.update(extra)
+    if not isinstance(model.get("name"), str) or not model["name"]:
+        raise CheckpointError(f"{path}: key 'model.name' must name the network (a non-empty string)")
+    return model
+
+
+def load_model_for_eval(
+    weights: str | os.PathLike, network: str | None = None, **overrides: Any
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Return (model in eval mode on CPU with weights loaded strictly, model config ``{"name": ..., **kwargs}``).
+
+    ``overrides`` are extra ``get_model`` kwargs; they win over config.yaml's. ``network``, if given for a
+    checkpoint directory, must agree with its config.
+    """
+    path = Path(weights)
+    if path.is_dir():
+        config_path, weights_path = path / CONFIG_FILE, path / BACKBONE_FILE
+        for needed in (config_path, weights_path):
+            if not needed.is_file():
+                raise CheckpointError(f"{path}: checkpoint directory has no {needed.name}")
+        model_cfg = read_model_config(config_path)
+        if network is not None and network != model_cfg["name"]:
+            raise CheckpointError(
+                f"{path}: --network {network!r} disagrees with model.name {model_cfg['name']!r} in {config_path}"
+            )
+        source = str(config_path)
+    elif path.is_file():
+        if network is None:
+            raise CheckpointError(f"{path}: a bare backbone weights file needs the network name (--network)")
+        model_cfg, weights_path, source = {"name": network}, path, "--network"
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint file or directory")
+
+    name = model_cfg["name"]
+    kwargs = {k: v for k, v in model_cfg.items() if k not in _NOT_MODEL_KWARGS}
+    kwargs.update(overrides)
+    try:
+        model = backbones.get_model(name, **kwargs)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{source}: cannot build network {name!r} with {kwargs}: {e}") from None
+    try:
+        backbones.load_backbone_weights(model, str(weights_path))
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"{weights_path}: weights do not fit network {name!r} {kwargs}: {e}") from None
+    model.eval()
+    return model, {"name": name, **kwargs}
