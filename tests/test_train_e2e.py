@@ -28,8 +28,12 @@ def run(args, nproc=2, check=True):
     env = {**os.environ, "NPROC": str(nproc), "PYTHONUNBUFFERED": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "MASTER_PORT"):
         env.pop(k, None)
-    p = subprocess.run([str(REPO / "run.sh"), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=400)
+    for attempt in range(3):
+        p = subprocess.run([str(REPO / "run.sh"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=400)
+        # run.sh picks a free port and the launcher binds it a moment later: retry only that race.
+        if p.returncode == 0 or "address already in use" not in (p.stdout + p.stderr).lower():
+            break
     if check and p.returncode != 0:
         raise AssertionError(f"./run.sh {' '.join(args)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p
@@ -65,7 +69,10 @@ def test_train_resume_reshard_eval(data_dir, tmp_path):
     assert "at epoch 1, step 6" in (resumed / "train.log").read_text()
     a, b = backbone_of(ckpts / "epoch_0002"), backbone_of(resumed / "checkpoints" / "epoch_0002")
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+        # Parameters are bit-identical. BatchNorm running statistics are averaged over ranks at every checkpoint
+        # (linear, so equal in exact arithmetic); the extra average at step 6 changes only their rounding.
+        exact = not (k.endswith("running_mean") or k.endswith("running_var"))
+        torch.testing.assert_close(b[k], a[k], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-7, msg=k)
     heads_a = [torch.load(ckpts / "epoch_0002" / "head" / f"rank_00{r}_of_002.pt", weights_only=False)["head"]
                for r in range(2)]
     heads_b = [torch.load(resumed / "checkpoints" / "epoch_0002" / "head" / f"rank_00{r}_of_002.pt",

@@ -19,6 +19,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 # Keys whose value may be given in more than one shape.
 _FLEXIBLE = {
     "head.margin": (float, int, list, type(None)),
+    "head.scale": (float, int, type(None)),
     "train.resume": (str, type(None)),
     "train.max_steps": (int, type(None)),
     "data.synthetic": (dict, type(None)),
@@ -92,12 +93,18 @@ def merge(base: dict, over: dict, source: str, prefix: str = "", root: dict | No
     return out
 
 
+# Short forms accepted on the command line.
+ALIASES = {"loss": "head.loss"}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value parsed as YAML: numbers, booleans, null, [lists], {mappings})."""
+    """`a.b=value` -> (["a", "b"], value parsed as YAML: numbers, booleans, null, [lists], {mappings}).
+
+    `loss=X` is short for `head.loss=X`."""
     if "=" not in text:
         raise ConfigError(f"override `{text}`: expected key=value (e.g. train.epochs=3)")
     key, raw = text.split("=", 1)
-    key = key.strip()
+    key = ALIASES.get(key.strip(), key.strip())
     if not key:
         raise ConfigError(f"override `{text}`: empty key")
     try:
@@ -145,7 +152,7 @@ def _check_values(cfg: dict) -> None:
     need(t["log_every"] > 0, "train.log_every", "must be > 0")
     need(t["max_steps"] is None or t["max_steps"] > 0, "train.max_steps", "must be > 0 or null")
     need(0.0 <= h["sample_rate"] <= 1.0, "head.sample_rate", "must be within [0, 1]")
-    need(h["scale"] > 0, "head.scale", "must be > 0")
+    need(h["scale"] is None or h["scale"] > 0, "head.scale", "must be > 0 (or null: the loss's default)")
     need(cfg["model"]["precision"] in ("auto", "fp32", "bf16"), "model.precision",
          "must be auto, fp32 or bf16 (fp16 is refused: see README, Precision)")
     need(d["loader"] in ("auto", "torch", "dali"), "data.loader", "must be auto, torch or dali")

@@ -81,3 +81,26 @@ def set_lr(lr: float, *optimizers) -> None:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = lr
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+    DeepSpeed, unlike DDP's broadcast_buffers, leaves each rank with running statistics of its own batches. Before
+    an evaluation or a checkpoint every rank takes the mean, so the sharded evaluation and the saved backbone.pth
+    describe one model. Training is unaffected: BatchNorm uses batch statistics in train mode.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).float() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()

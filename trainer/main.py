@@ -47,7 +47,15 @@ def summary_table(history: list[tuple[str, list[dict]]]) -> str:
             c = rows[label].get(r["target"])
             cells.append(f"{c['accuracy_mean'] * 100:.2f} ± {c['accuracy_std'] * 100:.2f}" if c else "-")
         table.add_row([r["target"], *cells, f"{r['uniform_accuracy'] * 100:.2f}"])
-    return table.get_string(title="held-out verification")
+    lines = [table.get_string(title="held-out verification")]
+    for r in last[1]:
+        rep = r.get("thresholds")
+        if rep:
+            learned = "; ".join(f"learned {k} = {v['threshold']:.3f} gives {100 * v['accuracy']:.2f}%"
+                                for k, v in rep["learned"].items()) or "this loss learns no threshold"
+            lines.append(f"{r['target']}: best single cosine threshold on held-out pairs {rep['best_threshold']:.3f} "
+                         f"({100 * rep['best_accuracy']:.2f}%); {learned}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

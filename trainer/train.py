@@ -15,7 +15,7 @@ import heads
 from heads.optim import HeadOptimizer
 from heads.partition import ClassPartition
 from trainer import checkpoint, distributed
-from trainer.engine import build_engine, set_lr
+from trainer.engine import average_buffers, build_engine, set_lr
 from trainer.log import Meter, setup_logging
 from trainer.schedule import schedule_from_config
 
@@ -108,10 +108,12 @@ class Evaluator:
         start = per * self.rank + min(self.rank, extra)
         return slice(start, start + per + (self.rank < extra))
 
-    def __call__(self, model: torch.nn.Module, label: str) -> None:
+    def __call__(self, model: torch.nn.Module, label: str, learned: dict | None = None) -> None:
+        """`learned`: the loss's learned cosine thresholds (t = b/s, p_v), reported beside the best single one."""
         if not self.paths:
             return
         from data.verification_bin import load_bin_images
+        from eval.uniform_threshold import format_threshold_report, pair_cosines, threshold_report
         from eval.verification import evaluate_pairs, extract_embeddings, format_table
         if self._bins is None:
             self._bins = [(p, *load_bin_images(p)) for p in self.paths]
@@ -125,10 +127,13 @@ class Evaluator:
                 dist.all_gather_object(parts, local)
             if self.rank == 0:
                 emb = np.concatenate(parts)
-                results.append({"target": Path(path).stem, "path": str(path), **evaluate_pairs(emb, issame)})
+                report = threshold_report(*pair_cosines(emb, issame), learned)
+                results.append({"target": Path(path).stem, "path": str(path), **evaluate_pairs(emb, issame),
+                                "thresholds": report})
         if self.rank == 0:
             self.history.append((label, results))
-            self.log.info("\n" + format_table(results, title=f"verification: {label}"))
+            lines = [format_threshold_report(r["thresholds"], title=r["target"]) for r in results]
+            self.log.info("\n" + format_table(results, title=f"verification: {label}") + "\n" + "\n".join(lines))
 
 
 def train(cfg: dict) -> dict:
@@ -207,7 +212,7 @@ def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
              f"({partition.num_local} classes on this rank)")
     evaluator = Evaluator(cfg, device, log, env.rank, env.world_size)
     if t["eval_before"] and start_epoch == 0 and global_step == 0:
-        evaluator(engine.module, "before training")
+        evaluator(engine.module, "before training", head.learned_thresholds())
 
     meter = Meter(env.world_size * t["batch_size"], total_steps)
     last_loss = float("nan")
@@ -252,11 +257,12 @@ def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
                 "samples_in_epoch": 0 if complete else step_in_epoch * env.world_size * t["batch_size"],
                 "global_batch": env.world_size * t["batch_size"], "global_step": global_step,
                 "num_classes": num_classes, "loss": last_loss}
+        average_buffers(engine.module)  # one set of BatchNorm statistics for the checkpoint and the evaluation
         path = checkpoint.save(ckpt_root, tag, engine=engine, head=head, head_opt=head_opt, cfg=cfg, meta=meta,
                                rank=env.rank, world_size=env.world_size, keep=t["keep_checkpoints"])
         log.info(f"checkpoint written: {path}")
         if t["eval_every_epoch"] or done or epoch + 1 == t["epochs"]:
-            evaluator(engine.module, f"after epoch {epoch + 1}")
+            evaluator(engine.module, f"after epoch {epoch + 1}", head.learned_thresholds())
     train_s = time.perf_counter() - t_train
     return {"output": str(output), "checkpoint": str(ckpt_root / "latest"), "global_step": global_step,
             "losses": losses, "eval": evaluator.history, "train_seconds": train_s, "rank": env.rank}
