@@ -103,24 +103,20 @@ class Evaluator:
         self.history: list[tuple[str, list[dict]]] = []
         self._bins: list | None = None
 
-    def _slice(self, n: int) -> slice:
-        per, extra = divmod(n, self.world_size)
-        start = per * self.rank + min(self.rank, extra)
-        return slice(start, start + per + (self.rank < extra))
-
     def __call__(self, model: torch.nn.Module, label: str, learned: dict | None = None) -> None:
         """`learned`: the loss's learned cosine thresholds (t = b/s, p_v), reported beside the best single one."""
         if not self.paths:
             return
         from data.verification_bin import load_bin_images
         from eval.uniform_threshold import format_threshold_report, pair_cosines, threshold_report
+        from eval.features import rank_slice
         from eval.verification import evaluate_pairs, extract_embeddings, format_table
         if self._bins is None:
             self._bins = [(p, *load_bin_images(p)) for p in self.paths]
         results = []
         for path, images, issame in self._bins:
-            local = extract_embeddings(model, images[self._slice(images.shape[0])], batch_size=128,
-                                       device=self.device, progress=False)
+            mine = images[rank_slice(images.shape[0], self.rank, self.world_size)]
+            local = extract_embeddings(model, mine, batch_size=128, device=self.device, progress=False)
             parts = [local]
             if self.world_size > 1:
                 parts = [None] * self.world_size
