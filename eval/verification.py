@@ -7,7 +7,8 @@
 - plus the "uniform threshold" accuracy: the best accuracy ONE threshold reaches on all pairs (an upper bound on the
   10-fold number, and the quantity a deployed system with one global threshold cares about).
 
-CLI: ``python -m eval.verification --weights PATH [--network NAME] --bins DIR|FILE ... [--json OUT]``.
+CLI: ``python -m eval.verification --weights PATH [--network NAME] --bins DIR|FILE ... [--json OUT]``; under a
+launcher (torchrun, deepspeed) every rank embeds a contiguous slice of the images and rank 0 scores and prints.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ __all__ = [
     "fold_slices",
     "evaluate_pairs",
     "uniform_threshold_accuracy",
+    "embed_sharded",
+    "verify_loaded",
     "verify_bins",
     "format_table",
     "main",
@@ -166,6 +169,47 @@ def evaluate_pairs(emb: np.ndarray, issame: Sequence[bool] | np.ndarray, nfolds:
     }
 
 
+def embed_sharded(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    desc: str = "embed",
+) -> np.ndarray | None:
+    """:func:`extract_embeddings` split over the ranks of the default process group: each rank embeds its contiguous
+    slice, rank 0 receives all of them in order ([M, D]); other ranks get None. One process: all images, here."""
+    import torch.distributed as dist
+
+    from eval.features import dist_rank_world, rank_slice
+
+    rank, world = dist_rank_world()
+    local = extract_embeddings(model, images[rank_slice(images.shape[0], rank, world)], batch_size, device,
+                               progress, desc)
+    if world == 1:
+        return local
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    return np.concatenate(parts) if rank == 0 else None
+
+
+def verify_loaded(
+    model: torch.nn.Module,
+    path: str | Path,
+    images: torch.Tensor,
+    issame: np.ndarray,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    nfolds: int = 10,
+    progress: bool | None = None,
+) -> dict[str, Any] | None:
+    """Verification of already decoded bin images (sharded over ranks); the result dict on rank 0, else None."""
+    emb = embed_sharded(model, images, batch_size, device, progress, desc=Path(path).stem)
+    if emb is None:
+        return None
+    return {"target": Path(path).stem, "path": str(path), **evaluate_pairs(emb, issame, nfolds)}
+
+
 def verify_bins(
     model: torch.nn.Module,
     bin_paths: Sequence[str | Path],
@@ -175,12 +219,14 @@ def verify_bins(
     image_size: tuple[int, int] = (112, 112),
     progress: bool | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate ``model`` on each bin; one result dict per bin (``target`` = file stem, ``path``, metrics)."""
+    """Evaluate ``model`` on each bin; one result dict per bin (``target`` = file stem, ``path``, metrics) on rank 0
+    (an empty list on the other ranks of a process group, which embed their share of the images)."""
     results = []
     for path in bin_paths:
         images, issame = load_bin_images(path, image_size)
-        emb = extract_embeddings(model, images, batch_size, device, progress, desc=Path(path).stem)
-        results.append({"target": Path(path).stem, "path": str(path), **evaluate_pairs(emb, issame, nfolds)})
+        r = verify_loaded(model, path, images, issame, batch_size, device, nfolds, progress)
+        if r is not None:
+            results.append(r)
     return results
 
 
@@ -247,10 +293,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--nfolds", type=int, default=10)
     parser.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher's
     args = parser.parse_args(argv)
 
+    from eval.features import init_distributed_from_env
+
     bins = _expand_bins(args.bins)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, _, device = init_distributed_from_env(args.device)
     try:
         model, model_cfg = load_model_for_eval(args.weights, args.network, **_parse_model_args(args.model_arg))
     except CheckpointError as e:
@@ -261,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                               progress=False if args.no_progress else None)
     except VerificationBinError as e:
         raise SystemExit(f"error: {e}") from None
+    if rank != 0:
+        return results
     print(format_table(results, title=f"{model_cfg['name']} @ {args.weights}"))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"weights": str(args.weights), "model": model_cfg,

@@ -95,7 +95,7 @@ def format_logs(logs: dict) -> str:
 
 class Evaluator:
     """Verification during training: every rank embeds a contiguous slice of each bin's images, rank 0 gathers them,
-    scores the pairs and logs the table (the same protocol as `python -m eval.verification`)."""
+    scores the pairs and logs the table (eval.verification's protocol; the decoded bins are kept between calls)."""
 
     def __init__(self, cfg: dict, device: torch.device, log, rank: int, world_size: int):
         self.paths = bin_paths(cfg)
@@ -109,20 +109,13 @@ class Evaluator:
             return
         from data.verification_bin import load_bin_images
         from eval.uniform_threshold import format_threshold_report, pair_cosines, threshold_report
-        from eval.features import rank_slice
-        from eval.verification import evaluate_pairs, extract_embeddings, format_table
+        from eval.verification import embed_sharded, evaluate_pairs, format_table
         if self._bins is None:
             self._bins = [(p, *load_bin_images(p)) for p in self.paths]
         results = []
         for path, images, issame in self._bins:
-            mine = images[rank_slice(images.shape[0], self.rank, self.world_size)]
-            local = extract_embeddings(model, mine, batch_size=128, device=self.device, progress=False)
-            parts = [local]
-            if self.world_size > 1:
-                parts = [None] * self.world_size
-                dist.all_gather_object(parts, local)
-            if self.rank == 0:
-                emb = np.concatenate(parts)
+            emb = embed_sharded(model, images, batch_size=128, device=self.device, progress=False)
+            if emb is not None:  # rank 0
                 report = threshold_report(*pair_cosines(emb, issame), learned)
                 results.append({"target": Path(path).stem, "path": str(path), **evaluate_pairs(emb, issame),
                                 "thresholds": report})
