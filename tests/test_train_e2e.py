@@ -136,3 +136,41 @@ def test_srun_task_runs_the_trainer_directly(data_dir, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "rank 0/1 via slurm on cpu" in p.stdout
     assert "launch.py" not in p.stdout + p.stderr  # the deepspeed launcher was not involved
+
+
+@pytest.mark.slow
+def test_preemption_signal_saves_and_resumes(data_dir, tmp_path):
+    """SIGUSR1 (SLURM's --signal) mid-run: a step checkpoint, a clean exit 0, and resume=auto finishes the run."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+           "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "778", "SLURM_JOB_NODELIST": "localhost",
+           "MASTER_PORT": str(__import__("tests.distributed", fromlist=["free_port"]).free_port())}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    out = tmp_path / "preempt"
+    args = [str(REPO / "run.sh"), "configs/base.yaml", *TINY, f"data.root={data_dir}", f"output={out}",
+            "train.epochs=30", "train.log_every=1"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and " step 2/" in log.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "stopped by SIGUSR1" in stdout
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((out / "checkpoints" / latest / "meta.json").read_text())
+    assert 2 <= meta["global_step"] < 30 * 9
+    assert meta["step_in_epoch"] > 0 or latest.startswith("epoch_")
+    finish = meta["epoch"] + 1  # run to the end of the interrupted epoch
+    p = subprocess.run(args[:-2] + [f"train.epochs={finish}", "train.resume=auto", "train.log_every=1"], cwd=REPO,
+                       env={**env, "MASTER_PORT": str(int(env["MASTER_PORT"]) + 1)}, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    resumed_log = log.read_text().split("resumed from")[-1]
+    assert f"at epoch {meta['epoch']}, step {meta['global_step']}" in resumed_log
+    assert f"step {meta['global_step'] + 1}/{finish * 9}" in resumed_log  # 72 images / 8 = 9 steps per epoch
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"epoch_{finish:04d}"

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg)
     if result["rank"] == 0:
         out = Path(result["output"])
+        if result["stopped_by_signal"]:
+            print(f"stopped by {result['stopped_by_signal']} after step {result['global_step']}; continue with "
+                  f"the same command and train.resume=auto")
         print(summary_table(result["eval"]))
         print(f"trained {result['global_step']} steps in {result['train_seconds']:.0f}s "
               f"(whole job {time.perf_counter() - t0:.0f}s)")

@@ -78,6 +78,41 @@ def bin_paths(cfg: dict) -> list[Path]:
     return sorted(root.glob("*.bin"))
 
 
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (SLURM's preemption and `--signal=USR1@120`) ask for a checkpoint and a clean stop.
+
+    A signal reaches the ranks at different moments, so the flag is only read at log steps, where every rank is at
+    the same step: an all-reduce MAX makes them agree, then all save the step checkpoint together and exit 0;
+    `train.resume=auto` continues from it (mid-epoch, exactly)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        import signal
+        self.signal_name: str | None = None
+        self._previous = {}
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        import signal
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.signal_name is None:
+            self.signal_name = "a signal on another rank"
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def format_logs(logs: dict) -> str:
     """The head's scalar logs (accuracy, learned thresholds, ...) as `name value` pairs."""
     parts = []
@@ -195,8 +230,8 @@ def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
         else:
             log.info("train.resume=auto: no checkpoint yet, starting fresh")
 
-    log.info(f"{num_classes} classes, {data.num_images} images ({type(data).__name__}), {env.world_size} ranks x {t['batch_size']} = "
-             f"{env.world_size * t['batch_size']} per step, {steps_per_epoch} steps/epoch, {t['epochs']} epochs; "
+    log.info(f"{num_classes} classes, {data.num_images} images ({type(data).__name__}), {env.world_size} ranks x "
+             f"{t['batch_size']} = {env.world_size * t['batch_size']} per step, {steps_per_epoch} steps/epoch, {t['epochs']} epochs; "
              f"head: {cfg['head']['loss']} sample_rate={cfg['head']['sample_rate']} "
              f"({partition.num_local} classes on this rank)")
     evaluator = Evaluator(cfg, device, log, env.rank, env.world_size)
@@ -205,10 +240,11 @@ def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
 
     meter = Meter(env.world_size * t["batch_size"], total_steps)
     last_loss = float("nan")
-    losses: list[float] = []
+    preempt = PreemptionFlag()
     engine.train()
     t_train = time.perf_counter()
     done = global_step >= total_steps
+    stopped = False
     for epoch in range(start_epoch, t["epochs"]):
         if done:
             break
@@ -228,14 +264,17 @@ def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
             head_opt.zero_grad()
             global_step += 1
             meter.tick()
-            last_loss = loss.item()
-            if not math.isfinite(last_loss):
-                raise FloatingPointError(f"loss became {last_loss} at epoch {epoch}, step {global_step}")
-            losses.append(last_loss)
             if global_step % t["log_every"] == 0 or global_step == total_steps:
+                last_loss = loss.item()  # the only host sync of a step, every log_every steps
+                if not math.isfinite(last_loss):
+                    raise FloatingPointError(f"loss became {last_loss} at epoch {epoch}, step {global_step}")
                 sps, hours = meter.report(global_step)
                 log.info(f"epoch {epoch} step {global_step}/{total_steps}  loss {last_loss:.4f}  lr {lr:.5f}  "
                          f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min  {format_logs(logs)}")
+                if preempt.agreed(device):
+                    log.info(f"signal {preempt.signal_name}: saving a checkpoint at step {global_step} and stopping")
+                    done = stopped = True
+                    break
             if global_step >= total_steps:
                 done = True
                 break
@@ -250,8 +289,12 @@ def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
         path = checkpoint.save(ckpt_root, tag, engine=engine, head=head, head_opt=head_opt, cfg=cfg, meta=meta,
                                rank=env.rank, world_size=env.world_size, keep=t["keep_checkpoints"])
         log.info(f"checkpoint written: {path}")
+        if stopped:
+            break
         if t["eval_every_epoch"] or done or epoch + 1 == t["epochs"]:
             evaluator(engine.module, f"after epoch {epoch + 1}", head.learned_thresholds())
+    preempt.restore()
     train_s = time.perf_counter() - t_train
     return {"output": str(output), "checkpoint": str(ckpt_root / "latest"), "global_step": global_step,
-            "losses": losses, "eval": evaluator.history, "train_seconds": train_s, "rank": env.rank}
+            "last_loss": last_loss, "eval": evaluator.history, "train_seconds": train_s, "rank": env.rank,
+            "stopped_by_signal": preempt.signal_name if stopped else None}
