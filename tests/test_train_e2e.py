@@ -1,6 +1,7 @@
 """End to end through the real entry points: ./run.sh -> deepspeed launcher -> 2 gloo ranks -> checkpoints ->
 resume (exact, mid-epoch) -> resume on 1 rank (resharded head) -> eval CLI on the checkpoint."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -174,3 +175,42 @@ def test_preemption_signal_saves_and_resumes(data_dir, tmp_path):
     assert f"at epoch {meta['epoch']}, step {meta['global_step']}" in resumed_log
     assert f"step {meta['global_step'] + 1}/{finish * 9}" in resumed_log  # 72 images / 8 = 9 steps per epoch
     assert (out / "checkpoints" / "latest").read_text().strip() == f"epoch_{finish:04d}"
+
+
+FAMILY_STATE = {  # head.loss -> (extra overrides, a state the step log must show)
+    "unitsface": ([], "t_uss"),
+    "uce": ([], "t_uce"),
+    "gb_cosface": ([], "p_v"),
+    "epl": (["head.s2s_start_epoch=1"], "loss_s2s"),
+    "cosface_s2s_bce": ([], "t_s2s_mean"),
+    "arcface": ([], "accuracy"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.parametrize("loss", sorted(FAMILY_STATE))
+def test_every_loss_family_trains_through_the_trainer(data_dir, tmp_path, loss):
+    extra, state = FAMILY_STATE[loss]
+    out = tmp_path / loss
+    p = run(["configs/base.yaml", *[a for a in TINY if not a.startswith("head.")], f"data.root={data_dir}",
+             f"data.val_root={data_dir}", f"output={out}", f"loss={loss}", "train.epochs=2", "train.log_every=1",
+             *extra])
+    log = (out / "train.log").read_text()
+    step_lines = [line for line in log.splitlines() if " step " in line and "loss " in line]
+    assert len(step_lines) == 8
+    losses = [float(line.split("loss ")[1].split()[0]) for line in step_lines]
+    assert all(map(math.isfinite, losses)), losses
+    assert state in step_lines[-1], step_lines[-1]
+    assert "best single cosine threshold" in p.stdout
+    # the head's state (memories, biases, p_v) is in the checkpoint and loads back into the same head
+    import heads
+    from heads.partition import ClassPartition
+    from trainer.config import load_config
+    from trainer.train import head_config
+    cfg = load_config(out / "checkpoints" / "epoch_0002" / "config.yaml")
+    for r in range(2):
+        head = heads.build_head(head_config(cfg), num_classes=12, embedding_size=32,
+                                partition=ClassPartition(12, 2, r), seed=cfg["seed"])
+        saved = torch.load(out / "checkpoints" / "epoch_0002" / "head" / f"rank_00{r}_of_002.pt", weights_only=False)
+        head.load_state_dict(saved["head"])
