@@ -40,6 +40,17 @@ def run(args, nproc=2, check=True):
     return p
 
 
+def srun_task_env() -> dict:
+    """The variables srun gives the one task of a one-task job step (no launcher variables)."""
+    from tests.distributed import free_port
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+           "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "localhost",
+           "MASTER_PORT": str(free_port())}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    return env
+
+
 def backbone_of(ckpt: Path) -> dict:
     return torch.load(ckpt / "backbone.pth", map_location="cpu", weights_only=True)
 
@@ -125,11 +136,7 @@ def test_deepspeed_no_python_launch(data_dir, tmp_path):
 @pytest.mark.slow
 def test_srun_task_runs_the_trainer_directly(data_dir, tmp_path):
     """Under srun every task runs ./run.sh; it must notice it is a rank (SLURM step variables) and not relaunch."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
-           "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "localhost",
-           "MASTER_PORT": str(__import__("tests.distributed", fromlist=["free_port"]).free_port())}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
+    env = srun_task_env()
     out = tmp_path / "srun"
     p = subprocess.run([str(REPO / "run.sh"), "configs/base.yaml", *TINY, f"data.root={data_dir}", f"output={out}",
                         "train.epochs=1", "train.max_steps=2"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -145,11 +152,7 @@ def test_preemption_signal_saves_and_resumes(data_dir, tmp_path):
     import signal
     import time
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
-           "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "778", "SLURM_JOB_NODELIST": "localhost",
-           "MASTER_PORT": str(__import__("tests.distributed", fromlist=["free_port"]).free_port())}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
+    env = srun_task_env()
     out = tmp_path / "preempt"
     args = [str(REPO / "run.sh"), "configs/base.yaml", *TINY, f"data.root={data_dir}", f"output={out}",
             "train.epochs=30", "train.log_every=1"]
