@@ -6,7 +6,10 @@ a full memory (every row written) and switched on (epoch past their start).
 
 Timing is paired: each family runs in the same processes as a CosFace head, the two stepped alternately on the same
 batches, and the ratio is median(family) / median(CosFace), so slow drifts of machine load cancel (a shared CPU is
-noisy). Memory is measured separately, the family alone in fresh processes: the head state (buffers + parameters)
+noisy). For the memory terms a third timing in the same alternation gives the arithmetic floor of scoring every
+sampled memory row: the two matmuls such a term cannot avoid ([N, D] x [D, K] for the cosines, [N, K] x [K, D] for
+dL/dx; the memory takes no gradient), timed bare on the same shapes; "floor" = (CosFace + those two) / CosFace.
+Memory is measured separately, the family alone in fresh processes: the head state (buffers + parameters)
 and the peak resident memory (ru_maxrss: state + the step's working set + the Python/torch runtime).
 
     python -m bench.bench_heads          # 100k classes at r = 1 and 0.1, 1M at r = 0.1; 2 CPU gloo ranks
@@ -87,14 +90,25 @@ def _step(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def _two_matmuls(n: int, rows: torch.Tensor) -> float:
+    """The bare arithmetic a memory term adds per step: cosines [n, K] and dL/dx [n, D] against K rows."""
+    u = torch.nn.functional.normalize(torch.randn(n, rows.shape[1]), dim=1)
+    t0 = time.perf_counter()
+    cos = u @ rows.T
+    cos @ rows
+    return time.perf_counter() - t0
+
+
 def _rank_paired(rank: int, world_size: int, cfg: dict, num_classes: int, dim: int, batch: int, steps: int,
                  warmup: int) -> dict:
     """CosFace and ``cfg`` stepped alternately on the same batches: the ratio cancels slow drifts in machine load."""
     part = ClassPartition(num_classes, world_size, rank)
     cosface = {**FAMILIES["cosface"], "sample_rate": cfg["sample_rate"]}  # the same sample rate
     pair = {"cosface": _head(cosface, num_classes, dim, part, rank), "family": _head(cfg, num_classes, dim, part, rank)}
+    family = pair["family"][0]
+    memory = family.s2s.memory if isinstance(family, EmbeddedLoss) else None
     g = torch.Generator().manual_seed(100 + rank)
-    times: dict[str, list[float]] = {"cosface": [], "family": []}
+    times: dict[str, list[float]] = {"cosface": [], "family": [], "matmuls": []}
     for step in range(warmup + steps):
         x = torch.randn(batch, dim, generator=g)
         labels = torch.randint(0, num_classes, (batch,), generator=g)
@@ -102,7 +116,13 @@ def _rank_paired(rank: int, world_size: int, cfg: dict, num_classes: int, dim: i
             dt = _step(head, opt, x.clone(), labels)
             if step >= warmup:
                 times[name].append(dt)
-    return {name: statistics.median(t) for name, t in times.items()}
+        if memory is not None:
+            sampled = pair["cosface"][0].last_sampled
+            rows = memory.rows(sampled)[0]
+            dt = _two_matmuls(batch * world_size, rows)
+            if step >= warmup:
+                times["matmuls"].append(dt)
+    return {name: statistics.median(t) if t else None for name, t in times.items()}
 
 
 def _rank_memory(rank: int, world_size: int, cfg: dict, num_classes: int, dim: int, batch: int) -> dict:
@@ -123,16 +143,18 @@ def run(settings: list[tuple[int, float]], families: list[str], world_size: int,
     for num_classes, rate in settings:
         for family in families:
             cfg = {**FAMILIES[family], "sample_rate": rate}
-            if family == "cosface":
-                ratio, step_s = None, None
-            else:
+            ratio = step_s = floor = None
+            if family != "cosface":
                 timed = run_ranks(_rank_paired, world_size, cfg, num_classes, dim, batch, steps, warmup,
                                   timeout=3600)
                 base = max(r["cosface"] for r in timed)  # the slowest rank sets the pace
                 step_s = max(r["family"] for r in timed)
                 ratio = step_s / base
+                if timed[0]["matmuls"] is not None:
+                    floor = max(r["cosface"] + r["matmuls"] for r in timed) / base
             memory = run_ranks(_rank_memory, world_size, cfg, num_classes, dim, batch, timeout=3600)
             row = {"classes": num_classes, "rate": rate, "family": family, "step_s": step_s, "ratio": ratio,
+                   "floor": floor,
                    "cosface_s": None if family == "cosface" else base,
                    "state_mb": max(r["state_mb"] for r in memory), "peak_mb": max(r["peak_mb"] for r in memory)}
             rows.append(row)
@@ -141,15 +163,16 @@ def run(settings: list[tuple[int, float]], families: list[str], world_size: int,
 
 
 HEADER = (f"{'classes':>9} {'rate':>5} {'family':<20} {'step ms/rank':>12} {'CosFace ms':>10} {'x CosFace':>9} "
-          f"{'state MB/rank':>13} {'peak RSS MB/rank':>16}")
+          f"{'floor':>5} {'state MB/rank':>13} {'peak RSS MB/rank':>16}")
 
 
 def format_row(r: dict) -> str:
     def ms(v):
         return "-" if v is None else f"{1000 * v:.1f}"
     ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+    floor = "-" if r.get("floor") is None else f"{r['floor']:.2f}"
     return (f"{r['classes']:>9} {r['rate']:>5} {r['family']:<20} {ms(r['step_s']):>12} {ms(r['cosface_s']):>10} "
-            f"{ratio:>9} {r['state_mb']:>13.0f} {r['peak_mb']:>16.0f}")
+            f"{ratio:>9} {floor:>5} {r['state_mb']:>13.0f} {r['peak_mb']:>16.0f}")
 
 
 def machine() -> str:

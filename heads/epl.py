@@ -18,7 +18,8 @@ from heads.margins import AdaptiveMargin
 from heads.memory import PrototypeMemory
 from heads.partial_fc import ClassScores, ShardBatch
 from heads.partition import ClassPartition
-from heads.sample_to_sample import MemoryTerm, memory_cross_entropy
+from heads.memory_scores import softmax_mean
+from heads.sample_to_sample import MemoryTerm
 
 
 class EPL(MemoryTerm):
@@ -34,9 +35,8 @@ class EPL(MemoryTerm):
         self.memory.update(batch.X, batch.local)
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
-        rows, columns = self.memory.rows(scores.index)
-        cos = self.cosines(batch, rows)
-        return memory_cross_entropy(cos, scores.target, columns, self.margin, self.scale), {}
+        rows, valid = self.memory.rows(scores.index)
+        return softmax_mean(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, self.margin), {}
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, k={self.margin.k}, init={self.memory.init}"

@@ -5,7 +5,9 @@ writing only the rows of the classes it owns:
 
 * ``LatestFeatureMemory`` (UniTSFace's USS / s2s terms): row j = the most recent detached embedding of class j,
   written AFTER the loss (a sample is never scored against itself). ``valid`` marks rows ever written: rows never
-  written take no part in any loss (the official code reads uninitialised memory there).
+  written take no part in any loss (the official code reads uninitialised memory there). The rows are stored
+  unit-normalised: every loss uses only cosines to them, so this saves a [K, D] normalisation per step (the
+  official code keeps the raw feature and normalises at each use; the losses are the same).
 * ``PrototypeMemory`` (EPL): unit prototypes, updated BEFORE the loss with the softsign rule
       c = <P_y, x/|x|>,  a = c / (1 + |c|),  P_y <- normalize(a * P_y + (1 - a) * x/|x|)
   so low-similarity (hard) samples move their prototype more. Initialisation: "feature" (a class's first feature
@@ -49,21 +51,29 @@ class LatestFeatureMemory(nn.Module):
         return ["features", "valid"]
 
     def rows(self, index: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(features, valid) of the rows ``index`` (all when None), as copies.
+        """(unit rows, valid) of the rows ``index`` (all when None: the buffers themselves, no copy).
 
-        Copies, because the loss's autograd graph keeps the rows for the backward while ``write`` changes the
-        memory after the forward (autograd would raise on the in-place change otherwise).
+        For use within one forward: heads/memory_scores.py keeps no reference to them past it, so ``write`` may
+        change the memory right after.
         """
         if index is None:
-            return self.features.clone(), self.valid
+            return self.features, self.valid
         return self.features[index], self.valid[index]
 
     @torch.no_grad()
     def write(self, X: Tensor, local: Tensor) -> None:
-        """features[y] <- X_i (detached) for the last sample i of each owned class y."""
+        """features[y] <- X_i / |X_i| (detached) for the last sample i of each owned class y."""
         classes, last = last_occurrence(local)
-        self.features.index_copy_(0, classes, X.detach()[last].to(self.features.dtype))
+        self.features.index_copy_(0, classes, normalize(X.detach()[last].to(self.features.dtype)))
         self.valid[classes] = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        """Rows saved raw (checkpoints written before the memory kept unit rows) are normalised on load."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():
+            raw = self.valid & ((self.features.norm(dim=1) - 1.0).abs() > 1e-3)
+            if bool(raw.any()):
+                self.features[raw] = normalize(self.features[raw])
 
     @torch.no_grad()
     def filled(self) -> Tensor:
@@ -93,10 +103,13 @@ class PrototypeMemory(nn.Module):
         return ["prototypes", "valid"]
 
     def rows(self, index: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(prototypes, valid) of the rows ``index`` (all when None: the buffers; updated only before a loss)."""
-        if index is None:
-            return self.prototypes, self.valid
-        return self.prototypes[index], self.valid[index]
+        """(unit rows, valid) of the rows ``index`` (all when None: the buffers, no copy, when they are unit rows).
+
+        Updated prototypes are unit rows; "noise" rows are raw N(0, 1) until their class is first seen, so that
+        initialisation normalises a copy here.
+        """
+        rows, valid = (self.prototypes, self.valid) if index is None else (self.prototypes[index], self.valid[index])
+        return (normalize(rows) if self.init == "noise" else rows), valid
 
     @torch.no_grad()
     def update(self, X: Tensor, local: Tensor) -> None:

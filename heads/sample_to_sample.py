@@ -8,8 +8,9 @@ written take no part. With s the scale, m the margin, b the learnable bias (t = 
     s2s BCE      the same with one bias per class: b_y for the positive, b_j for each negative
     s2s softmax  mean_i -log softmax_j(s (cos_ij - m [j = y]))_y        (samples whose M_y is written)
 
-The BCE sums are per-class sums: each rank adds its columns (heads/bce.py); the softmax normaliser is a distributed
-logsumexp (heads/dist_softmax.py). Every term returns the global loss on every rank.
+The BCE sums are per-class sums: each rank adds its columns and ``shard_sum`` totals them; the softmax normaliser
+is a distributed logsumexp. Every term returns the global loss on every rank. The [N, K] block of each term is
+computed by heads/memory_scores.py, value and gradient together in the forward (the memory takes no gradient).
 
 Data-driven bias (official code): when b <= 0, b <- mean_i logsumexp_{j != y}(s cos_ij) before the loss (USS), a
 global value, identical on all ranks. s2s BCE: when the mean of all class biases is <= 0, that value is ADDED to
@@ -21,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from heads.bce import bce_class_sum, global_bce_mean, negatives_logsumexp_mean
+from heads.bce import global_bce_mean, negatives_logsumexp_mean
 from heads.comm import all_reduce_sum_
-from heads.dist_softmax import dist_log_softmax_target
-from heads.margins import CombinedMargin, TargetMargin, cosine, margin_logits, target_positions
+from heads.margins import CombinedMargin, normalize
 from heads.memory import LatestFeatureMemory
+from heads.memory_scores import bce_sum, softmax_mean
 from heads.partial_fc import ClassScores, ShardBatch
 from heads.partition import ClassPartition
 from heads.rows import ClassBias
@@ -59,31 +60,15 @@ class MemoryTerm(nn.Module):
     def learned_thresholds(self) -> dict[str, float]:
         return {}
 
-    def cosines(self, batch: ShardBatch, rows: Tensor) -> Tensor:
-        """[N, K] cosines of the gathered batch to memory rows (in the memory's precision)."""
-        return cosine(batch.X.to(rows.dtype), rows)
+    def unit_batch(self, batch: ShardBatch, rows: Tensor) -> Tensor:
+        """X / |X| of the gathered batch in the memory's precision (with autograd: the gradient reaches X)."""
+        return normalize(batch.X.to(rows.dtype))
 
-
-def memory_cross_entropy(cos: Tensor, target: Tensor, columns: Tensor, margin: TargetMargin,
-                         scale: float) -> Tensor:
-    """Softmax cross-entropy over memory columns of all ranks, positive with ``margin``, unwritten columns out.
-
-    Averaged over the samples whose positive row is written (on any rank); 0 (with a graph) when there is none.
-    """
-    logits = margin_logits(cos, target, margin, scale)
-    if not bool(columns.all()):
-        logits = logits.masked_fill(~columns.unsqueeze(0), float("-inf"))
-    with torch.no_grad():
-        local = torch.zeros(cos.shape[0], dtype=cos.dtype, device=cos.device)
-        positive_rows, positive_cols = target_positions(target)
-        local[positive_rows] = columns[positive_cols].to(cos.dtype)
-        has_positive = all_reduce_sum_(local) > 0  # the same rows on every rank
-    if not bool(has_positive.any()):
-        return cos.sum() * 0.0
-    if bool(has_positive.all()):
-        return -dist_log_softmax_target(logits, target).mean()
-    rows = has_positive.nonzero().squeeze(1)
-    return -dist_log_softmax_target(logits[rows], target[rows]).mean()
+    def data_bias(self, batch: ShardBatch, scores: ClassScores, rows: Tensor, valid: Tensor) -> Tensor | None:
+        """mean_i logsumexp_{j != y_i}(s cos_ij) over the written columns of all ranks (None: no such column)."""
+        with torch.no_grad():
+            cos = normalize(batch.X.detach().to(rows.dtype)) @ rows.T
+            return negatives_logsumexp_mean(cos, scores.target, self.scale, valid)
 
 
 class USS(MemoryTerm):
@@ -100,15 +85,14 @@ class USS(MemoryTerm):
         self.memory.write(batch.X, batch.local)
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
-        rows, columns = self.memory.rows(scores.index)
-        cos = self.cosines(batch, rows)
+        rows, valid = self.memory.rows(scores.index)
         if self.training and bool(self.bias.detach() <= 0):
-            data_bias = negatives_logsumexp_mean(cos, scores.target, self.scale, columns)
+            data_bias = self.data_bias(batch, scores, rows, valid)
             if data_bias is not None:
                 with torch.no_grad():
                     self.bias.copy_(data_bias)
-        local = bce_class_sum(cos, scores.target, CombinedMargin(1.0, 0.0, self.margin), self.scale, self.bias,
-                              clamp=self.scale if self.clamp else None, columns=columns)
+        local = bce_sum(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, self.margin, self.bias,
+                        clamp=self.scale if self.clamp else None)
         b = self.bias.detach()
         return global_bce_mean(local, batch.size), {"b_uss": b.clone(), "t_uss": b / self.scale}
 
@@ -139,16 +123,15 @@ class S2SBCE(MemoryTerm):
         return all_reduce_sum_(self.class_bias.weight.sum().reshape(1))[0] / self.partition.num_classes
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
-        rows, columns = self.memory.rows(scores.index)
-        cos = self.cosines(batch, rows)
+        rows, valid = self.memory.rows(scores.index)
         if self.training and bool(self.mean_bias() <= 0):
-            data_bias = negatives_logsumexp_mean(cos, scores.target, self.scale, columns)
+            data_bias = self.data_bias(batch, scores, rows, valid)
             if data_bias is not None:
                 with torch.no_grad():
                     self.class_bias.weight.add_(data_bias.to(self.class_bias.weight.dtype))
         bias = self.class_bias.leaf_rows(scores.index, track=self.training and torch.is_grad_enabled())
-        local = bce_class_sum(cos, scores.target, CombinedMargin(1.0, 0.0, self.margin), self.scale, bias,
-                              clamp=self.scale if self.clamp else None, columns=columns)
+        local = bce_sum(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, self.margin, bias,
+                        clamp=self.scale if self.clamp else None)
         mean_b = self.mean_bias()
         return global_bce_mean(local, batch.size), {"b_s2s_mean": mean_b, "t_s2s_mean": mean_b / self.scale}
 
@@ -172,10 +155,9 @@ class S2SSoftmax(MemoryTerm):
         self.memory.write(batch.X, batch.local)
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
-        rows, columns = self.memory.rows(scores.index)
-        cos = self.cosines(batch, rows)
-        loss = memory_cross_entropy(cos, scores.target, columns, CombinedMargin(1.0, 0.0, self.margin), self.scale)
-        return loss, {}
+        rows, valid = self.memory.rows(scores.index)
+        margin = CombinedMargin(1.0, 0.0, self.margin)
+        return softmax_mean(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, margin), {}
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, margin={self.margin}"

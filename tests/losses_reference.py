@@ -48,6 +48,11 @@ def unit(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-5)
 
 
+def as_head_state(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A reference state entry as the head stores it: the latest-feature memory keeps unit rows (heads/memory.py)."""
+    return unit(value) if name == "memory" else value
+
+
 def sp(z: torch.Tensor, clamp: float | None) -> torch.Tensor:
     """softplus, argument clamped to [-clamp, clamp] when given (the official code's clamp)."""
     return F.softplus(z.clamp(-clamp, clamp) if clamp is not None else z)

@@ -22,7 +22,7 @@ from heads.optim import HeadOptimizer
 from heads.partition import ClassPartition
 from heads.rows import ClassBias
 from tests.distributed import run_ranks
-from tests.losses_reference import Reference, expand
+from tests.losses_reference import Reference, as_head_state, expand
 
 D64 = torch.float64
 C, D, N = 11, 8, 12
@@ -172,7 +172,7 @@ def test_w_ranks_equal_the_single_process_reference_over_four_steps(runs, refere
                         total = sum(p if p is not None else torch.zeros((), dtype=D64) for p in parts)
                         assert close(total, ref[name]), (case, W, name, t, float(total), float(ref[name]))
         for name, value in state.items():
-            expected = ref_state[name]
+            expected = as_head_state(name, ref_state[name])
             if name in ("b", "s2s_b", "p_v"):
                 assert close(value, expected, rtol=1e-9), (case, W, rank, name)
             elif value.dtype == torch.bool:

@@ -72,10 +72,26 @@ def test_latest_feature_memory_writes_the_last_occurrence_of_own_classes_only():
     Y = torch.tensor([7, 2, 7, 9, 5, 9])
     mem.write(X, part.to_local(Y))
     assert mem.valid.tolist() == [True, False, True, False, True]
-    assert torch.equal(mem.features[2], X[2]) and torch.equal(mem.features[4], X[5]) and torch.equal(mem.features[0],
-                                                                                                       X[4])
+    U = X / X.norm(dim=1, keepdim=True)  # stored as unit rows: the losses use only cosines to them
+    assert torch.allclose(mem.features[2], U[2]) and torch.allclose(mem.features[4], U[5])
+    assert torch.allclose(mem.features[0], U[4])
     assert mem.features[1].abs().sum() == 0 and int(mem.filled()) == 3
     assert mem.per_class_buffers() == ["features", "valid"]
+
+
+def test_latest_feature_memory_normalises_raw_rows_of_an_older_checkpoint_and_leaves_unit_rows_bitwise():
+    part = ClassPartition(4, 1, 0)
+    mem = LatestFeatureMemory(part, 3).double()
+    mem.write(torch.tensor([[3.0, 4.0, 0.0], [1.0, 2.0, 2.0]], dtype=D64), torch.tensor([0, 2]))
+    unit_rows = mem.features.clone()
+    raw = {"features": torch.tensor([[3.0, 4.0, 0.0], [0, 0, 0], [1.0, 2.0, 2.0], [0, 0, 0]], dtype=D64),
+           "valid": torch.tensor([True, False, True, False])}
+    fresh = LatestFeatureMemory(part, 3).double()
+    fresh.load_state_dict(raw)
+    assert torch.allclose(fresh.features, unit_rows) and fresh.features[1].abs().sum() == 0
+    again = LatestFeatureMemory(part, 3).double()
+    again.load_state_dict(mem.state_dict())
+    assert torch.equal(again.features, mem.features)  # a resume stays bit-exact
 
 
 def test_prototype_update_is_the_softsign_rule_on_unit_rows():
