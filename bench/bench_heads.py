@@ -6,9 +6,10 @@ a full memory (every row written) and switched on (epoch past their start).
 
 Timing is paired: each family runs in the same processes as a CosFace head, the two stepped alternately on the same
 batches, and the ratio is median(family) / median(CosFace), so slow drifts of machine load cancel (a shared CPU is
-noisy). For the memory terms a third timing in the same alternation gives the arithmetic floor of scoring every
-sampled memory row: the two matmuls such a term cannot avoid ([N, D] x [D, K] for the cosines, [N, K] x [K, D] for
-dL/dx; the memory takes no gradient), timed bare on the same shapes; "floor" = (CosFace + those two) / CosFace.
+noisy). For the memory terms a third timing in the same alternation gives the floor of scoring every sampled memory
+row exactly: what such a term cannot avoid — reading its K rows and two matmuls ([N, D] x [D, K] for the cosines,
+[N, K] x [K, D] for dL/dx; the memory takes no gradient) — timed bare on the same shapes; "floor" = (CosFace + that)
+/ CosFace.
 Memory is measured separately, the family alone in fresh processes: the head state (buffers + parameters)
 and the peak resident memory (ru_maxrss: state + the step's working set + the Python/torch runtime).
 
@@ -90,10 +91,11 @@ def _step(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def _two_matmuls(n: int, rows: torch.Tensor) -> float:
-    """The bare arithmetic a memory term adds per step: cosines [n, K] and dL/dx [n, D] against K rows."""
-    u = torch.nn.functional.normalize(torch.randn(n, rows.shape[1]), dim=1)
+def _floor_step(n: int, dim: int, memory: torch.nn.Module, sampled: torch.Tensor | None) -> float:
+    """What a memory term cannot avoid per step: read the K sampled rows, cosines [n, K], dL/dx [n, D]."""
+    u = torch.nn.functional.normalize(torch.randn(n, dim), dim=1)
     t0 = time.perf_counter()
+    rows = memory.rows(sampled)[0]
     cos = u @ rows.T
     cos @ rows
     return time.perf_counter() - t0
@@ -108,7 +110,7 @@ def _rank_paired(rank: int, world_size: int, cfg: dict, num_classes: int, dim: i
     family = pair["family"][0]
     memory = family.s2s.memory if isinstance(family, EmbeddedLoss) else None
     g = torch.Generator().manual_seed(100 + rank)
-    times: dict[str, list[float]] = {"cosface": [], "family": [], "matmuls": []}
+    times: dict[str, list[float]] = {"cosface": [], "family": [], "floor": []}
     for step in range(warmup + steps):
         x = torch.randn(batch, dim, generator=g)
         labels = torch.randint(0, num_classes, (batch,), generator=g)
@@ -117,11 +119,9 @@ def _rank_paired(rank: int, world_size: int, cfg: dict, num_classes: int, dim: i
             if step >= warmup:
                 times[name].append(dt)
         if memory is not None:
-            sampled = pair["cosface"][0].last_sampled
-            rows = memory.rows(sampled)[0]
-            dt = _two_matmuls(batch * world_size, rows)
+            dt = _floor_step(batch * world_size, dim, memory, pair["cosface"][0].last_sampled)
             if step >= warmup:
-                times["matmuls"].append(dt)
+                times["floor"].append(dt)
     return {name: statistics.median(t) if t else None for name, t in times.items()}
 
 
@@ -150,8 +150,8 @@ def run(settings: list[tuple[int, float]], families: list[str], world_size: int,
                 base = max(r["cosface"] for r in timed)  # the slowest rank sets the pace
                 step_s = max(r["family"] for r in timed)
                 ratio = step_s / base
-                if timed[0]["matmuls"] is not None:
-                    floor = max(r["cosface"] + r["matmuls"] for r in timed) / base
+                if timed[0]["floor"] is not None:
+                    floor = max(r["cosface"] + r["floor"] for r in timed) / base
             memory = run_ranks(_rank_memory, world_size, cfg, num_classes, dim, batch, timeout=3600)
             row = {"classes": num_classes, "rate": rate, "family": family, "step_s": step_s, "ratio": ratio,
                    "floor": floor,

@@ -24,7 +24,7 @@ class RowSparseRows:
 
     def leaf_rows(self, index: Tensor | None, track: bool) -> Tensor:
         """weight[index] (all rows when None) as a new leaf; with ``track`` its gradient is kept for the optimizer."""
-        rows = self.weight if index is None else self.weight[index]
+        rows = self.weight if index is None else self.weight.index_select(0, index)  # faster than weight[index]
         leaf = rows.detach().requires_grad_(track)
         if track:
             self._pending.append((index, leaf))
