@@ -35,4 +35,6 @@ def main(argv: list[str] | None = None) -> object:
 
 if __name__ == "__main__":
     result = main()
-    sys.exit(result if isinstance(result, int) else 0)
+    from trainer.distributed import exit_process  # the process group a launcher made, torn down cleanly
+
+    exit_process(result if isinstance(result, int) else 0)

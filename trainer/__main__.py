@@ -1,5 +1,6 @@
 """`python -m trainer [CONFIG.yaml] [key=value ...]` — one rank of a training run (see run.sh for launching)."""
+from trainer.distributed import exit_process
 from trainer.main import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

@@ -169,10 +169,13 @@ def train(cfg: dict) -> dict:
     output = Path(cfg["output"])
     log = setup_logging(output, env.rank)
     log.info(f"rank {env.rank}/{env.world_size} via {env.launcher} on {device}; output {output}")
+    ok = False
     try:
-        return _train(cfg, env, device, output, log)
+        result = _train(cfg, env, device, output, log)
+        ok = True
+        return result
     finally:
-        distributed.shutdown()
+        distributed.shutdown(synchronize=ok)
 
 
 def _train(cfg: dict, env, device, output: Path, log) -> dict:
