@@ -286,6 +286,19 @@ def test_meta_errors_name_the_file_and_line(tmp_path, tid, pts, pairs, message):
         ijb.read_ijb_meta(tmp_path, "IJBB")
 
 
+def test_pair_file_tolerates_blank_lines_trailing_spaces_and_crlf_and_names_a_short_line(tmp_path):
+    path = tmp_path / "pairs.txt"
+    path.write_bytes(b"1 2 0 \r\n\r\n3 4 1\n")
+    t1, t2, label = ijb._read_pairs(path)
+    assert t1.tolist() == [1, 3] and t2.tolist() == [2, 4] and label.tolist() == [False, True]
+    path.write_text("1 2 0\n3 4\n")
+    with pytest.raises(ijb.IJBError, match=r"pairs.txt:2: expected 3 fields"):
+        ijb._read_pairs(path)
+    path.write_text("")
+    with pytest.raises(ijb.IJBError, match="no pairs"):
+        ijb._read_pairs(path)
+
+
 def test_meta_folder_errors(tmp_path):
     with pytest.raises(ijb.IJBError, match="no IJBC/meta folder"):
         ijb.read_ijb_meta(tmp_path, "IJBC")
