@@ -15,6 +15,7 @@ and the peak resident memory (ru_maxrss: state + the step's working set + the Py
 
     python -m bench.bench_heads          # 100k classes at r = 1 and 0.1, 1M at r = 0.1; 2 CPU gloo ranks
     python -m bench.bench_heads --settings 100000:1.0 --families cosface unitsface --steps 3
+    python -m bench.bench_heads --device cuda --world-size 1 --batch 1024   # one GPU: the head step of 8 x 128
 
 Each (classes, rate, family) runs in fresh forked processes (so ru_maxrss is that family's own peak). Results are
 printed as a table and, with --out, written to a text file (bench/results/heads_*.txt) with the machine named.
@@ -26,6 +27,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -73,14 +75,21 @@ def _fill_memory(head: torch.nn.Module, dim: int, seed: int) -> None:
     head.set_epoch(max(head.start_epoch, 0))
 
 
-def _head(cfg: dict, num_classes: int, dim: int, part: ClassPartition, rank: int):
+def _head(cfg: dict, num_classes: int, dim: int, part: ClassPartition, rank: int, device: torch.device):
     head = build_head(cfg, num_classes, dim, part, seed=0)
     _fill_memory(head, dim, seed=rank)
+    head = head.to(device)
     return head, HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _step(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
     """One timed head step; the ranks start it together (a barrier), so no rank's time holds another's lag."""
+    _sync(x.device)
     if dist.is_initialized():
         dist.barrier()
     t0 = time.perf_counter()
@@ -88,32 +97,38 @@ def _step(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
     loss.backward()
     opt.step()
     opt.zero_grad()
+    _sync(x.device)
     return time.perf_counter() - t0
 
 
 def _floor_step(n: int, dim: int, memory: torch.nn.Module, sampled: torch.Tensor | None) -> float:
     """What a memory term cannot avoid per step: read the K sampled rows, cosines [n, K], dL/dx [n, D]."""
-    u = torch.nn.functional.normalize(torch.randn(n, dim), dim=1)
+    device = memory.valid.device
+    u = torch.nn.functional.normalize(torch.randn(n, dim, device=device), dim=1)
+    _sync(device)
     t0 = time.perf_counter()
     rows = memory.rows(sampled)[0]
     cos = u @ rows.T
     cos @ rows
+    _sync(device)
     return time.perf_counter() - t0
 
 
 def _rank_paired(rank: int, world_size: int, cfg: dict, num_classes: int, dim: int, batch: int, steps: int,
-                 warmup: int) -> dict:
+                 warmup: int, device: str) -> dict:
     """CosFace and ``cfg`` stepped alternately on the same batches: the ratio cancels slow drifts in machine load."""
     part = ClassPartition(num_classes, world_size, rank)
     cosface = {**FAMILIES["cosface"], "sample_rate": cfg["sample_rate"]}  # the same sample rate
-    pair = {"cosface": _head(cosface, num_classes, dim, part, rank), "family": _head(cfg, num_classes, dim, part, rank)}
+    dev = torch.device(device)
+    pair = {"cosface": _head(cosface, num_classes, dim, part, rank, dev),
+            "family": _head(cfg, num_classes, dim, part, rank, dev)}
     family = pair["family"][0]
     memory = family.s2s.memory if isinstance(family, EmbeddedLoss) else None
     g = torch.Generator().manual_seed(100 + rank)
     times: dict[str, list[float]] = {"cosface": [], "family": [], "floor": []}
     for step in range(warmup + steps):
-        x = torch.randn(batch, dim, generator=g)
-        labels = torch.randint(0, num_classes, (batch,), generator=g)
+        x = torch.randn(batch, dim, generator=g).to(dev)
+        labels = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
         for name, (head, opt) in pair.items():
             dt = _step(head, opt, x.clone(), labels)
             if step >= warmup:
@@ -125,18 +140,25 @@ def _rank_paired(rank: int, world_size: int, cfg: dict, num_classes: int, dim: i
     return {name: statistics.median(t) if t else None for name, t in times.items()}
 
 
-def _rank_memory(rank: int, world_size: int, cfg: dict, num_classes: int, dim: int, batch: int) -> dict:
-    """The family alone in fresh processes: its head state and the peak resident memory of a step."""
+def _rank_memory(rank: int, world_size: int, cfg: dict, num_classes: int, dim: int, batch: int, device: str) -> dict:
+    """The family alone in fresh processes: its head state and the peak memory of a step (resident memory of the
+    process on CPU, allocated device memory on a GPU)."""
     part = ClassPartition(num_classes, world_size, rank)
-    head, opt = _head(cfg, num_classes, dim, part, rank)
+    dev = torch.device(device)
+    head, opt = _head(cfg, num_classes, dim, part, rank, dev)
     g = torch.Generator().manual_seed(100 + rank)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     for _ in range(2):
-        _step(head, opt, torch.randn(batch, dim, generator=g), torch.randint(0, num_classes, (batch,), generator=g))
-    return {"state_mb": _state_mb(head), "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        _step(head, opt, torch.randn(batch, dim, generator=g).to(dev),
+              torch.randint(0, num_classes, (batch,), generator=g).to(dev))
+    peak = (torch.cuda.max_memory_allocated(dev) / 2 ** 20 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"state_mb": _state_mb(head), "peak_mb": peak}
 
 
 def run(settings: list[tuple[int, float]], families: list[str], world_size: int, dim: int, batch: int,
-        steps: int, warmup: int) -> list[dict]:
+        steps: int, warmup: int, device: str = "cpu") -> list[dict]:
     from tests.distributed import run_ranks  # the gloo fork harness of the test suite
 
     rows = []
@@ -145,14 +167,14 @@ def run(settings: list[tuple[int, float]], families: list[str], world_size: int,
             cfg = {**FAMILIES[family], "sample_rate": rate}
             ratio = step_s = floor = None
             if family != "cosface":
-                timed = run_ranks(_rank_paired, world_size, cfg, num_classes, dim, batch, steps, warmup,
+                timed = run_ranks(_rank_paired, world_size, cfg, num_classes, dim, batch, steps, warmup, device,
                                   timeout=3600)
                 base = max(r["cosface"] for r in timed)  # the slowest rank sets the pace
                 step_s = max(r["family"] for r in timed)
                 ratio = step_s / base
                 if timed[0]["floor"] is not None:
                     floor = max(r["cosface"] + r["floor"] for r in timed) / base
-            memory = run_ranks(_rank_memory, world_size, cfg, num_classes, dim, batch, timeout=3600)
+            memory = run_ranks(_rank_memory, world_size, cfg, num_classes, dim, batch, device, timeout=3600)
             row = {"classes": num_classes, "rate": rate, "family": family, "step_s": step_s, "ratio": ratio,
                    "floor": floor,
                    "cosface_s": None if family == "cosface" else base,
@@ -198,13 +220,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--batch", type=int, default=128, help="per rank")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: one process on the first GPU (--world-size 1), timed with synchronisation")
     p.add_argument("--out", type=Path, default=None, help="write the table here (bench/results/heads_*.txt)")
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is visible to torch")
+        if a.world_size != 1:
+            p.error("--device cuda measures one GPU: pass --world-size 1 (and the global batch as --batch)")
     if "cosface" not in a.families:
         a.families = ["cosface"] + a.families  # the reference column
     else:
         a.families = ["cosface"] + [f for f in a.families if f != "cosface"]
-    title = (f"head step per loss family: {a.world_size} gloo ranks x 1 thread, B={a.batch}/rank "
+    where = (f"1 process on {torch.cuda.get_device_name(0)} (peak column: max allocated GPU memory)"
+             if a.device == "cuda" else f"{a.world_size} gloo ranks x 1 thread")
+    title = (f"head step per loss family: {where}, B={a.batch}/rank "
              f"(N={a.world_size * a.batch}), D={a.dim}, float32, median of {a.steps} steps after {a.warmup} warm-up, "
              f"each family stepped alternately with CosFace in the same processes")
     print(title)
@@ -217,11 +249,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             settings.append((int(classes), float(rate)))
         except ValueError:
             p.error(f"--settings: expected CLASSES:SAMPLE_RATE (e.g. 100000:0.1), got {item!r}")
-    rows = run(settings, a.families, a.world_size, a.dim, a.batch, a.steps, a.warmup)
+    rows = run(settings, a.families, a.world_size, a.dim, a.batch, a.steps, a.warmup, a.device)
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text("\n".join([title, f"machine: {machine()}", f"command: python -m bench.bench_heads "
-                                    f"{' '.join(argv) if argv else ''}".rstrip(), HEADER]
+                                    f"{' '.join(argv)}".rstrip(), HEADER]
                                    + [format_row(r) for r in rows]) + "\n")
     return rows
 
