@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from data.loader import TrainData, check_batch_args
+from data.position import EpochPosition
 from data.rec_index import PreparedRec, looks_grouped, same_label_neighbours
 from data.recordio import RecordIOError
 
@@ -112,7 +113,7 @@ def shard_bounds(num_images: int, shard: int, num_shards: int) -> tuple[int, int
     return num_images * shard // num_shards, num_images * (shard + 1) // num_shards
 
 
-class DaliTrainData(TrainData):
+class DaliTrainData(EpochPosition, TrainData):
     """:class:`~data.loader.TrainData` read by DALI; see the module docstring for epochs, shards and shuffling."""
 
     def __init__(self, prepared: PreparedRec, batch_size: int, rank: int, world_size: int, seed: int,
@@ -150,17 +151,6 @@ class DaliTrainData(TrainData):
     def shard_of(self, epoch: int) -> int:
         """The shard this rank reads in ``epoch``: rotates so a rank sees another slice of the file each epoch."""
         return (self.rank + epoch) % self.world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.start_step = int(epoch), 0
-
-    def set_start_step(self, step: int) -> None:
-        if not 0 <= step <= self.steps_per_epoch:
-            raise ValueError(f"start step must be in 0..{self.steps_per_epoch}, got {step}")
-        self.start_step = int(step)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator

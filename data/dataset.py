@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data.position import EpochPosition
 from data.recordio import InsightFaceRec, RecordIOError
 
 
@@ -72,7 +73,7 @@ class RecordDataset(Dataset):
         return x, torch.tensor(label, dtype=torch.int64)
 
 
-class FixedBatchSampler(Sampler[list[int]]):
+class FixedBatchSampler(EpochPosition, Sampler[list[int]]):
     """Batch sampler giving every rank ``steps_per_epoch`` full batches of disjoint indices per epoch.
 
     ``set_epoch(e)`` picks the permutation (torch.Generator seeded with seed + e) and rewinds to step 0;
@@ -104,18 +105,6 @@ class FixedBatchSampler(Sampler[list[int]]):
                              f"({world_size} ranks x {batch_size} = {global_batch})")
         self.epoch = 0
         self.start_step = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self.start_step = 0
-
-    def set_start_step(self, step: int) -> None:
-        if not 0 <= step <= self.steps_per_epoch:
-            raise ValueError(f"start step must be in 0..{self.steps_per_epoch}, got {step}")
-        self.start_step = int(step)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
 
     def permutation(self) -> torch.Tensor:
         """This epoch's order of all samples, the same on every rank (padded by wrapping when not drop_last)."""
