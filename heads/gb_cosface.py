@@ -20,6 +20,7 @@ from torch import Tensor
 
 from heads.comm import rank_mean
 from heads.dist_softmax import dist_logsumexp_nontarget, dist_target_logit
+from heads.journal import Journaled
 from heads.margins import interclass_filter, target_mask
 from heads.partial_fc import ClassScores, PartialFC, ShardBatch
 
@@ -29,7 +30,7 @@ def softplus_exact(z: Tensor) -> Tensor:
     return torch.logaddexp(z, torch.zeros((), dtype=z.dtype, device=z.device))
 
 
-class GBCosFace(PartialFC):
+class GBCosFace(Journaled, PartialFC):
     """Partial-FC centres + GB-CosFace. Extra arguments: alpha, pv_momentum (EMA rate), pv_clamp (lo, hi)."""
 
     def __init__(self, *args, alpha: float = 0.15, pv_momentum: float = 0.01,
@@ -53,6 +54,8 @@ class GBCosFace(PartialFC):
         update = self.training
         if update and not bool(self.p_v_started):
             with torch.no_grad():
+                self.journal(self.p_v)
+                self.journal(self.p_v_started)
                 self.p_v.copy_(rank_mean(v_mean))
                 self.p_v_started.fill_(True)
         p_v = self.p_v.clamp(self.pv_low, self.pv_high) if bool(self.p_v_started) else \
@@ -62,6 +65,7 @@ class GBCosFace(PartialFC):
             0.5 * softplus_exact(2 * s * (c_n - (v_hat - m))).mean()
         if update:
             with torch.no_grad():
+                self.journal(self.p_v)
                 self.p_v.copy_(rank_mean((1.0 - self.pv_momentum) * p_v + self.pv_momentum * v_mean))
         logs = self.score_logs(scores)
         logs["p_v"] = p_v.detach().clone()

@@ -23,11 +23,33 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from heads.journal import Journaled
 from heads.margins import normalize
 from heads.partial_fc import derive_seed, init_centres
 from heads.partition import ClassPartition
 
 PROTOTYPE_INITS = ("feature", "noise")
+
+
+class MemoryStateError(ValueError):
+    """A memory loaded from a checkpoint holds rows no loss may use; the message names the tensor and rows."""
+
+
+@torch.no_grad()
+def check_loaded_rows(rows: Tensor, valid: Tensor, name: str) -> None:
+    """After a load: refuse non-finite WRITTEN rows, and zero the unwritten ones.
+
+    Unwritten rows take no part in a loss, but they still enter the [N, K] products (masked afterwards): a NaN there
+    would turn every gradient NaN (0 x NaN = NaN). Zeroing them on load keeps whatever a damaged or foreign
+    checkpoint holds in them out of every loss and gradient; ``write`` only ever makes rows valid with finite data.
+    """
+    bad = valid & ~torch.isfinite(rows).all(dim=1)
+    if bool(bad.any()):
+        where = bad.nonzero().squeeze(1)
+        raise MemoryStateError(f"{name}: {where.numel()} written row(s) hold non-finite values (local rows "
+                               f"{where[:8].tolist()}{' ...' if where.numel() > 8 else ''}); expected finite unit "
+                               f"rows: the checkpoint is damaged or was written by a diverged run")
+    rows[~valid] = 0.0
 
 
 def last_occurrence(local: Tensor) -> tuple[Tensor, Tensor]:
@@ -38,7 +60,7 @@ def last_occurrence(local: Tensor) -> tuple[Tensor, Tensor]:
     return classes, last
 
 
-class LatestFeatureMemory(nn.Module):
+class LatestFeatureMemory(Journaled, nn.Module):
     """Buffers ``features`` [C_local, D] (the latest embedding of each class) and ``valid`` [C_local] (written)."""
 
     def __init__(self, partition: ClassPartition, embedding_size: int) -> None:
@@ -64,12 +86,16 @@ class LatestFeatureMemory(nn.Module):
     def write(self, X: Tensor, local: Tensor) -> None:
         """features[y] <- X_i / |X_i| (detached) for the last sample i of each owned class y."""
         classes, last = last_occurrence(local)
+        self.journal(self.features, classes)
+        self.journal(self.valid, classes)
         self.features.index_copy_(0, classes, normalize(X.detach()[last].to(self.features.dtype)))
         self.valid[classes] = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
-        """Rows saved raw (checkpoints written before the memory kept unit rows) are normalised on load."""
+        """Rows saved raw (checkpoints written before the memory kept unit rows) are normalised on load; non-finite
+        written rows are refused and unwritten rows zeroed (:func:`check_loaded_rows`)."""
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        check_loaded_rows(self.features, self.valid, f"{prefix}features")
         with torch.no_grad():
             raw = self.valid & ((self.features.norm(dim=1) - 1.0).abs() > 1e-3)
             if bool(raw.any()):
@@ -81,7 +107,7 @@ class LatestFeatureMemory(nn.Module):
         return self.valid.sum()
 
 
-class PrototypeMemory(nn.Module):
+class PrototypeMemory(Journaled, nn.Module):
     """Buffers ``prototypes`` [C_local, D] and ``valid`` [C_local] (initialised); the softsign update rule."""
 
     def __init__(self, partition: ClassPartition, embedding_size: int, init: str = "feature", seed: int = 0) -> None:
@@ -112,6 +138,11 @@ class PrototypeMemory(nn.Module):
                                                                               self.valid[index])
         return (normalize(rows) if self.init == "noise" else rows), valid
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        """Non-finite initialised rows are refused, uninitialised rows zeroed (:func:`check_loaded_rows`)."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        check_loaded_rows(self.prototypes, self.valid, f"{prefix}prototypes")
+
     @torch.no_grad()
     def update(self, X: Tensor, local: Tensor) -> None:
         """Softsign update of P_y from the last sample of each owned class y (first sight: P_y <- x/|x|)."""
@@ -122,6 +153,8 @@ class PrototypeMemory(nn.Module):
         a = c / (1.0 + c.abs())
         moved = normalize(a * P + (1.0 - a) * x)
         new = torch.where(self.valid[classes].unsqueeze(1), moved, x)
+        self.journal(self.prototypes, classes)
+        self.journal(self.valid, classes)
         self.prototypes.index_copy_(0, classes, new)
         self.valid[classes] = True
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from heads.bce import global_bce_mean, negatives_logsumexp_mean
 from heads.comm import all_reduce_sum_
+from heads.journal import Journaled
 from heads.margins import CombinedMargin, normalize
 from heads.memory import LatestFeatureMemory
 from heads.memory_scores import bce_sum, softmax_mean
@@ -32,7 +33,7 @@ from heads.partition import ClassPartition
 from heads.rows import ClassBias
 
 
-class MemoryTerm(nn.Module):
+class MemoryTerm(Journaled, nn.Module):
     """A sample-to-sample loss over a class memory shard, driven by heads/embedded.py each step:
 
     ``before_loss(batch)`` (training) -> ``loss(batch, scores)`` (when the term is active) -> ``after_loss(batch)``
@@ -90,6 +91,7 @@ class USS(MemoryTerm):
             data_bias = self.data_bias(batch, scores, rows, valid)
             if data_bias is not None:
                 with torch.no_grad():
+                    self.journal(self.bias)
                     self.bias.copy_(data_bias)
         local = bce_sum(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, self.margin, self.bias,
                         clamp=self.scale if self.clamp else None)
@@ -128,6 +130,7 @@ class S2SBCE(MemoryTerm):
             data_bias = self.data_bias(batch, scores, rows, valid)
             if data_bias is not None:
                 with torch.no_grad():
+                    self.journal(self.class_bias.weight)
                     self.class_bias.weight.add_(data_bias.to(self.class_bias.weight.dtype))
         bias = self.class_bias.leaf_rows(scores.index, track=self.training and torch.is_grad_enabled())
         local = bce_sum(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, self.margin, bias,
