@@ -62,3 +62,31 @@ def test_shipped_configs_load():
             assert "`data.root`: is required" in str(e), (path, e)
             cfg = load_config(path, ["data.root=somewhere"])
         assert cfg["train"]["epochs"] > 0, path
+
+
+def test_exponent_floats_yaml_reads_as_strings_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as the string '1e-3': taken as the float, from a file and on the command line."""
+    cfg = load_config(None, ["data.root=x", "optim.lr=1e-3", "optim.weight_decay=5e-4", "head.scale=6.4e1",
+                             "head.margin=[1, 5e-1, 0]", "deepspeed.gradient_clipping=1E1"])
+    assert cfg["optim"]["lr"] == 1e-3 and isinstance(cfg["optim"]["lr"], float)
+    assert cfg["optim"]["weight_decay"] == 5e-4 and cfg["head"]["scale"] == 64.0
+    assert cfg["head"]["margin"] == [1, 0.5, 0] and cfg["deepspeed"]["gradient_clipping"] == 10.0
+    recipe = write(tmp_path, "recipe.yaml", "data: {root: x}\noptim:\n  lr: 1e-3\n  weight_decay: 1e-5\n"
+                                            "schedule: {warmup_epochs: 2e0}\n")
+    cfg = load_config(recipe)
+    assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["schedule"]["warmup_epochs"]) == (1e-3, 1e-5, 2.0)
+    assert all(isinstance(v, float) for v in (cfg["optim"]["lr"], cfg["schedule"]["warmup_epochs"]))
+    from trainer.config import dump_config
+    assert "lr: 0.001" in dump_config(cfg)  # written back as a number
+
+
+def test_strings_that_are_not_numbers_stay_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"`optim.lr`: expected float, got 'fast' \(str\)"):
+        load_config(None, ["data.root=x", "optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"`optim.momentum`: expected float, got '0.9x' \(str\)"):
+        load_config(write(tmp_path, "bad.yaml", "data: {root: x}\noptim: {momentum: 0.9x}\n"))
+    with pytest.raises(ConfigError, match=r"`train.epochs`: expected int, got '1e1' \(str\)"):  # not where an int is
+        load_config(None, ["data.root=x", "train.epochs=1e1"])
+    with pytest.raises(ConfigError, match=r"`optim.lr`: must be > 0"):
+        load_config(None, ["data.root=x", "optim.lr=-1e-3"])
+    assert load_config(None, ["data.root=1e-3", "model.name=1e-3"])["model"]["name"] == "1e-3"  # str keys stay str

@@ -2,6 +2,9 @@
 
 configs/base.yaml is the schema: every valid key appears there with its default. A key that is not in it is an
 error naming the nearest valid key; a value of the wrong type is an error naming the key and the expected type.
+
+Where a float is expected, a string that Python's ``float()`` reads is taken as that float: YAML 1.1 (PyYAML) reads
+``1e-3`` (no dot) as the string '1e-3', in a file as on the command line (``optim.lr=1e-3``).
 """
 from __future__ import annotations
 
@@ -114,6 +117,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _as_float(value: Any) -> float | None:
+    """``value`` as a float when it is a string that ``float()`` reads ('1e-3', which YAML 1.1 leaves a string),
+    else None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _floats_from_strings(value: Any, default: Any, key: str) -> Any:
+    """``value`` with strings that ``float()`` reads turned into floats where ``key`` expects a float (its default is
+    a float, or float is one of its shapes; list elements of a key whose shapes include list and float)."""
+    wants_float = float in _FLEXIBLE[key] if key in _FLEXIBLE else isinstance(default, float)
+    if not wants_float:
+        return value
+    parsed = _as_float(value)
+    if parsed is not None:
+        return parsed
+    if isinstance(value, list) and key in _FLEXIBLE and list in _FLEXIBLE[key]:
+        return [x if _as_float(x) is None else _as_float(x) for x in value]
+    return value
+
+
 def _type_ok(value: Any, default: Any, key: str) -> bool:
     if key in _FLEXIBLE:
         return isinstance(value, _FLEXIBLE[key]) and not isinstance(value, bool)
@@ -131,7 +159,7 @@ def _type_ok(value: Any, default: Any, key: str) -> bool:
 def _check_types(cfg: dict, schema: dict, prefix: str = "") -> None:
     for k, default in schema.items():
         key = prefix + k
-        value = cfg[k]
+        value = cfg[k] = _floats_from_strings(cfg[k], default, key)
         if not _type_ok(value, default, key):
             want = " or ".join(t.__name__ for t in _FLEXIBLE[key]) if key in _FLEXIBLE else type(default).__name__
             raise ConfigError(f"config key `{key}`: expected {want}, got {value!r} ({type(value).__name__})")

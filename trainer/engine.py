@@ -20,7 +20,12 @@ from trainer.config import REPO_ROOT, ConfigError
 
 
 def load_ds_config(cfg: dict, world_size: int) -> dict:
-    """ds_config.json, checked and completed from the YAML (batch sizes, ZeRO stage, clipping)."""
+    """ds_config.json, checked and completed from the YAML (batch sizes, ZeRO stage, clipping).
+
+    The batch sizes come from the YAML (train.batch_size per rank x ``world_size``): a file that states
+    ``train_micro_batch_size_per_gpu`` or ``train_batch_size`` must agree with it (or say "auto"), and
+    ``gradient_accumulation_steps`` may only be 1; anything else is a :class:`ConfigError` naming the file and key.
+    """
     path = Path(cfg["deepspeed"]["config"])
     if not path.is_absolute():
         path = REPO_ROOT / path
@@ -42,11 +47,19 @@ def load_ds_config(cfg: dict, world_size: int) -> dict:
         if key in ds:
             raise ConfigError(f"{path}: remove the `{key}` section: the optimizer and the lr schedule are set in the "
                               f"YAML (optim:, schedule:) so the backbone and the sharded head share them")
-    gas = int(ds.get("gradient_accumulation_steps", 1))
-    if gas != 1:
-        raise ConfigError(f"{path}: gradient_accumulation_steps={gas} is not supported: the partial-FC head samples "
+    gas = ds.get("gradient_accumulation_steps", 1)
+    if gas != "auto" and gas != 1:
+        raise ConfigError(f"{path}: gradient_accumulation_steps={gas!r} is not supported: the partial-FC head samples "
                           f"its classes per micro-batch; raise train.batch_size or use more ranks instead")
     B = cfg["train"]["batch_size"]
+    from_yaml = {"train_micro_batch_size_per_gpu": (B, f"train.batch_size={B} per rank"),
+                 "train_batch_size": (B * world_size, f"train.batch_size={B} per rank x {world_size} ranks = "
+                                                      f"{B * world_size}")}
+    for key, (want, said) in from_yaml.items():
+        if key in ds and ds[key] != "auto" and (isinstance(ds[key], bool) or ds[key] != want):
+            raise ConfigError(f"{path}: `{key}` is {ds[key]!r}, but the YAML says {said}. The YAML sets the batch "
+                              f"sizes: remove `{key}` from {path.name} (or make it {want}), or change "
+                              f"train.batch_size")
     ds["train_micro_batch_size_per_gpu"] = B
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = B * world_size
