@@ -10,9 +10,13 @@ i.e. at most ⌊FAR·N⌋ negatives accepted. Equivalently, with v the (⌊FAR·
 TAR = #(positives > v)/P — no threshold at or below v keeps the false accepts within budget, and accepting every
 score above v does (:func:`tar_from_top_negatives` computes it that way from a chunked top-k, for MegaFace).
 
-Rule "insightface": the number insightface's IJB scripts print — scikit-learn's ``roc_curve`` (which drops the
-collinear points of the curve) followed by the point whose FPR is nearest to the target, which may lie slightly
-above it. Kept so that numbers can be compared with published ones; "le" is the one a deployed threshold achieves.
+Rule "insightface": the number insightface's and arcface_torch's IJB scripts (``eval_ijbc.py``) print, the one
+published IJB tables come from. They take scikit-learn's ``roc_curve`` (which drops the collinear points of the
+curve and prepends (0, 0)), reverse it (``np.flipud``: "select largest tpr at same fpr") and report the TPR of the
+first point of the reversed curve whose FPR is nearest to the target, i.e. among equally near points the one
+latest in the ROC's order: the highest TPR at a shared FPR, and the larger FPR when two FPRs are equally near.
+That point may lie above the target FAR. Kept so that numbers can be compared with published ones digit for
+digit; "le" is the one a deployed threshold achieves.
 """
 
 from __future__ import annotations
@@ -109,7 +113,8 @@ def _sklearn_kept_points(curve: RocCurve) -> np.ndarray:
 
 
 def tar_at_far(curve: RocCurve, fars: Sequence[float] = DEFAULT_FARS, rule: str = "le") -> np.ndarray:
-    """TAR at each FAR: rule "le" (best TPR with FPR ≤ FAR) or "insightface" (TPR at the nearest FPR)."""
+    """TAR at each FAR: rule "le" (best TPR with FPR ≤ FAR) or "insightface" (TPR at the nearest FPR, the highest
+    TPR among equally near points; see the module docstring)."""
     if curve.num_pos == 0 or curve.num_neg == 0:
         raise ValueError(f"need positive and negative pairs, got {curve.num_pos} and {curve.num_neg}")
     out = np.empty(len(fars))
@@ -119,7 +124,8 @@ def tar_at_far(curve: RocCurve, fars: Sequence[float] = DEFAULT_FARS, rule: str 
             out[i] = curve.tps[last_ok] / curve.num_pos
     elif rule == "insightface":
         kept = _sklearn_kept_points(curve)
-        fpr, tpr = curve.fpr[kept], curve.tpr[kept]
+        # reversed like eval_ijbc.py's np.flipud, so that argmin's first hit is the LAST equally near point
+        fpr, tpr = curve.fpr[kept][::-1], curve.tpr[kept][::-1]
         for i, far in enumerate(fars):
             out[i] = tpr[int(np.argmin(np.abs(fpr - far)))]
     else:

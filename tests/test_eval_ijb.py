@@ -14,7 +14,6 @@ import torch
 from eval import ijb
 from eval.align import ARCFACE_TEMPLATE, AlignmentError, align_face, estimate_similarity, warp_affine
 from eval.features import FaceImages, FeatureError, extract_features, rank_slice
-from eval.roc import roc_curve, tar_at_far, tar_from_top_negatives
 from tests.distributed import run_ranks
 from tests.fixtures_eval import (
     identity_field,
@@ -100,20 +99,7 @@ def test_alignment_errors_are_clear():
         align_face(img, np.full((5, 2), np.nan))
 
 
-# ----------------------------------------------------------------------------------------------- ROC, TAR@FAR
-
-
-def test_roc_curve_hand_computed():
-    scores = np.array([0.9, 0.8, 0.8, 0.3, 0.1, 0.3])
-    labels = np.array([1, 0, 1, 0, 1, 1])
-    curve = roc_curve(scores, labels)
-    # thresholds: inf, 0.9, 0.8, 0.3, 0.1
-    np.testing.assert_array_equal(curve.thresholds, [np.inf, 0.9, 0.8, 0.3, 0.1])
-    np.testing.assert_array_equal(curve.tps, [0, 1, 2, 3, 4])
-    np.testing.assert_array_equal(curve.fps, [0, 0, 1, 2, 2])
-    assert (curve.num_pos, curve.num_neg) == (4, 2)
-    # FAR 0 -> no false accept: only the 0.9 positive; FAR 0.5 -> one false accept: cut at 0.8
-    np.testing.assert_allclose(tar_at_far(curve, [0.0, 0.49, 0.5, 1.0]), [0.25, 0.25, 0.5, 1.0])
+# -------------------------------------------------------------------------------- TAR@FAR reference (counting)
 
 
 def brute_force_tar(scores, labels, far):
@@ -126,55 +112,6 @@ def brute_force_tar(scores, labels, far):
             best = max(best, (pos >= t).sum() / pos.size)
     return best
 
-
-def brute_force_insightface_tar(scores, labels, far):
-    """scikit-learn's roc_curve (drop_intermediate) + nearest FPR, written with plain loops."""
-    pos_n, neg_n = labels.sum(), (~labels).sum()
-    points = []
-    for t in sorted(np.unique(scores), reverse=True):
-        points.append(((scores[~labels] >= t).sum(), (scores[labels] >= t).sum()))
-    keep = [points[0]]
-    for i in range(1, len(points) - 1):
-        (f0, t0), (f1, t1), (f2, t2) = points[i - 1], points[i], points[i + 1]
-        if (f2 - f1) != (f1 - f0) or (t2 - t1) != (t1 - t0):
-            keep.append(points[i])
-    if len(points) > 1:
-        keep.append(points[-1])
-    keep = [(0, 0)] + keep
-    fpr = np.array([f for f, _ in keep]) / neg_n
-    tpr = np.array([t for _, t in keep]) / pos_n
-    return tpr[int(np.argmin(np.abs(fpr - far)))]
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_tar_at_far_equals_brute_force_on_random_scores(seed):
-    rng = np.random.default_rng(seed)
-    n = 600
-    labels = rng.random(n) < 0.3
-    scores = rng.normal(0, 1, n) + 1.5 * labels
-    if seed == 2:
-        scores = np.round(scores, 1)  # many ties
-    fars = [0.0, 1e-3, 0.004, 0.01, 0.05, 0.1, 0.3, 1.0]
-    curve = roc_curve(scores, labels)
-    np.testing.assert_allclose(tar_at_far(curve, fars), [brute_force_tar(scores, labels, f) for f in fars])
-    np.testing.assert_allclose(tar_at_far(curve, fars, rule="insightface"),
-                               [brute_force_insightface_tar(scores, labels, f) for f in fars])
-    # the same numbers from the positives and only the largest negatives (the chunked MegaFace path)
-    neg = scores[~labels]
-    top = np.sort(neg)[::-1][: math.floor(max(fars[:-1]) * neg.size) + 1]
-    tars, _ = tar_from_top_negatives(scores[labels], rng.permutation(top), neg.size, fars[:-1])
-    np.testing.assert_allclose(tars, tar_at_far(curve, fars[:-1]))
-
-
-def test_roc_rejects_bad_input():
-    with pytest.raises(ValueError, match="finite"):
-        roc_curve(np.array([0.1, np.nan]), np.array([1, 0]))
-    with pytest.raises(ValueError, match="0/1"):
-        roc_curve(np.array([0.1, 0.2]), np.array([1, 2]))
-    with pytest.raises(ValueError, match="FAR must be"):
-        tar_at_far(roc_curve(np.array([0.1, 0.2]), np.array([1, 0])), [1.5])
-    with pytest.raises(ValueError, match="only 1 were kept"):
-        tar_from_top_negatives(np.array([0.5]), np.array([0.4]), 100, [0.05])
 
 
 # ------------------------------------------------------------------------------------- template pooling, scores
