@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one entry for people and clusters.
 #   ./run.sh [CONFIG.yaml] [key=value ...]   train (default: configs/demo.yaml, the synthetic CPU demo); launches one
-#                                            rank per GPU (2 on a machine without GPU) through the deepspeed launcher
+#                                            rank per GPU (2 on a machine without GPU) through trainer/launch.py
 #   ./run.sh test [pytest args ...]          the test suite
 #   ./run.sh eval COMMAND [args ...]         python -m eval: verification | ijb | megaface | onnx | tables (--help)
 #   ./run.sh python [args ...]               the project's Python, for the tools (python -m data.synthetic --help ...)
@@ -66,4 +66,5 @@ fi
 N=$(nproc_local)
 PORT=${MASTER_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 export PATH="$REPO/.venv/bin:$PATH"
-exec "$REPO/.venv/bin/deepspeed" --num_gpus "$N" --master_port "$PORT" --module trainer "$@"
+# trainer/launch.py: the DeepSpeed launcher's environment, plus signals forwarded and waited for (preemption saves).
+exec "$PY" -m trainer.launch --nproc "$N" --master-port "$PORT" -- "$@"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,16 @@ def summary_table(history: list[tuple[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+def clear_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what is wrong and where: printed as one line, without a traceback."""
+    from data.recordio import RecordIOError
+    from heads import HeadConfigError
+    from trainer.checkpoint import CheckpointError
+    from trainer.guard import NonFiniteError
+    from trainer.runlock import RunLockError
+    return ConfigError, CheckpointError, RunLockError, NonFiniteError, RecordIOError, HeadConfigError
+
+
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
@@ -67,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from trainer.train import train
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except clear_errors() as e:
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+        print(f"rank {rank}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     if result["rank"] == 0:
         out = Path(result["output"])
         if result["stopped_by_signal"]:

@@ -1,7 +1,6 @@
 """The training loop: data -> DeepSpeed(backbone) -> sharded head -> backward -> steps -> logs, eval, checkpoints."""
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -16,8 +15,12 @@ from heads.optim import HeadOptimizer
 from heads.partition import ClassPartition
 from trainer import checkpoint, distributed
 from trainer.engine import average_buffers, build_engine, set_lr
+from trainer.guard import StepGuard
 from trainer.log import Meter, setup_logging
+from trainer.runlock import RunLock, RunLockError
 from trainer.schedule import schedule_from_config
+from trainer.signals import PreemptionFlag
+from trainer.watchdog import EXIT_HUNG, Watchdog
 
 
 def _barrier() -> None:
@@ -78,41 +81,6 @@ def bin_paths(cfg: dict) -> list[Path]:
     return sorted(root.glob("*.bin"))
 
 
-class PreemptionFlag:
-    """SIGTERM / SIGUSR1 (SLURM's preemption and `--signal=USR1@120`) ask for a checkpoint and a clean stop.
-
-    A signal reaches the ranks at different moments, so the flag is only read at log steps, where every rank is at
-    the same step: an all-reduce MAX makes them agree, then all save the step checkpoint together and exit 0;
-    `train.resume=auto` continues from it (mid-epoch, exactly)."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        import signal
-        self.signal_name: str | None = None
-        self._previous = {}
-        for name in self.SIGNALS:
-            sig = getattr(signal, name)
-            self._previous[sig] = signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame) -> None:
-        import signal
-        self.signal_name = signal.Signals(signum).name
-
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and self.signal_name is None:
-            self.signal_name = "a signal on another rank"
-        return bool(flag.item() > 0)
-
-    def restore(self) -> None:
-        import signal
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def format_logs(logs: dict) -> str:
     """The head's scalar logs (accuracy, learned thresholds, ...) as `name value` pairs."""
     parts = []
@@ -160,6 +128,26 @@ class Evaluator:
             self.log.info("\n" + format_table(results, title=f"verification: {label}") + "\n" + "\n".join(lines))
 
 
+def take_lock(lock: RunLock, env, force: bool) -> str | None:
+    """Rank 0 locks the output folder; every rank learns whether it could (one all-reduce)."""
+    error, warning = None, None
+    if env.rank == 0:
+        try:
+            warning = lock.acquire(force=force)
+        except RunLockError as e:
+            error = e
+    if dist.is_initialized() and env.world_size > 1:
+        flag = torch.tensor([1.0 if (env.rank == 0 and error is not None) else 0.0])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is None and flag.item() > 0:
+            error = RunLockError(f"rank 0 could not lock {lock.path} (its message names the holder)")
+    if error is not None:
+        raise error
+    return warning
+
+
 def train(cfg: dict) -> dict:
     env = distributed.detect()
     device = distributed.pick_device(env)
@@ -167,33 +155,74 @@ def train(cfg: dict) -> dict:
         torch.set_num_threads(max(1, (torch.get_num_threads()) // max(env.local_world_size, 1)))
     distributed.init(env, device)
     output = Path(cfg["output"])
-    log = setup_logging(output, env.rank)
-    log.info(f"rank {env.rank}/{env.world_size} via {env.launcher} on {device}; output {output}")
+    t = cfg["train"]
+    lock = RunLock(output, stale_after=t["hang_timeout_s"])
     ok = False
+    watchdog = None
     try:
-        result = _train(cfg, env, device, output, log)
+        lock_warning = take_lock(lock, env, t["force_unlock"])
+        log = setup_logging(output, env.rank)
+        if lock_warning:
+            log.warning(lock_warning)
+        log.info(f"rank {env.rank}/{env.world_size} via {env.launcher} on {device}; output {output}")
+
+        def hung(message: str) -> None:
+            log.error(message)
+            lock.release()
+            distributed.abort_process(EXIT_HUNG)
+
+        watchdog = Watchdog(output, env.rank, env.world_size, t["hang_timeout_s"], on_hang=hung,
+                            on_beat=lock.refresh if env.rank == 0 else None).start()
+        result = _train(cfg, env, device, output, log, watchdog)
         ok = True
         return result
     finally:
+        if watchdog is not None:
+            watchdog.stop()
+        lock.release()
         distributed.shutdown(synchronize=ok)
 
 
-def _train(cfg: dict, env, device, output: Path, log) -> dict:
+def _train(cfg: dict, env, device, output: Path, log, watchdog: Watchdog) -> dict:
     from data.loader import build_loader
 
     seed_everything(cfg["seed"] + env.rank)
+    ckpt_root = output / "checkpoints"
+    if env.rank == 0:
+        for stale in checkpoint.remove_stale_tmp(ckpt_root):
+            log.warning(f"removed {stale}: left by a save that was interrupted (the checkpoint before it is intact)")
     prepare_data(cfg, env, log)
     d, t = cfg["data"], cfg["train"]
     data = build_loader(d["loader"], d["root"], t["batch_size"], env.rank, env.world_size, cfg["seed"], device,
                         num_workers=d["num_workers"], flip=d["flip"], augment=d["augment"],
                         cache_dir=d["cache_dir"], progress=env.rank == 0)
     try:
-        return _train_with(cfg, env, device, output, log, data)
+        return _train_with(cfg, env, device, output, log, data, watchdog)
     finally:
         data.close()
 
 
-def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
+class CheckpointClock:
+    """Periodic step checkpoints: every `steps` optimizer steps and/or `minutes` of wall time (rank 0's clock,
+    agreed through the step guard). 0 switches either off."""
+
+    def __init__(self, steps: int, minutes: float, rank: int) -> None:
+        if steps < 0 or minutes < 0:
+            raise ValueError(f"train.checkpoint_every_steps / _minutes must be >= 0, got {steps} / {minutes}")
+        self.steps, self.seconds, self.rank = int(steps), float(minutes) * 60.0, rank
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.monotonic()
+
+    def time_due(self) -> bool:
+        return self.rank == 0 and self.seconds > 0 and time.monotonic() - self.t0 >= self.seconds
+
+    def step_due(self, global_step: int) -> bool:
+        return self.steps > 0 and global_step % self.steps == 0
+
+
+def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watchdog) -> dict:
     d, t = cfg["data"], cfg["train"]
     num_classes = data.num_classes
     backbone = build_backbone(cfg, device)
@@ -210,44 +239,58 @@ def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
         total_steps = min(total_steps, t["max_steps"])
     lr_of = schedule_from_config(cfg, steps_per_epoch, steps_per_epoch * t["epochs"])
     ckpt_root = output / "checkpoints"
+    global_batch = env.world_size * t["batch_size"]
     start_epoch, global_step, start_step_in_epoch = 0, 0, 0
     if t["resume"] is not None:
         folder = checkpoint.resolve(t["resume"], output)
         if folder is not None:
             meta = checkpoint.load(folder, engine=engine, head=head, head_opt=head_opt, rank=env.rank,
-                                   world_size=env.world_size,
-                                   zero_stage=engine.zero_optimization_stage(), log=log.info)
-            if meta["num_classes"] != num_classes:
-                raise checkpoint.CheckpointError(f"{folder}: written for {meta['num_classes']} classes, the data has "
-                                                 f"{num_classes}")
+                                   world_size=env.world_size, zero_stage=engine.zero_optimization_stage(),
+                                   num_classes=num_classes, log=log.warning)
             # Positions are kept in samples: with another rank count the global batch, and so the step, differ.
-            global_batch = env.world_size * t["batch_size"]
             start_epoch = meta["epoch"]
             samples_in_epoch = meta.get("samples_in_epoch", 0)
             start_step_in_epoch = samples_in_epoch // global_batch
             if samples_in_epoch % global_batch:
-                log.info(f"resume: {samples_in_epoch} samples of epoch {start_epoch} were seen with a global batch of "
-                         f"{meta['global_batch']}; continuing from sample {start_step_in_epoch * global_batch}")
+                log.warning(f"resume: {samples_in_epoch} samples of epoch {start_epoch} were seen with a global batch "
+                            f"of {meta['global_batch']}; continuing from sample {start_step_in_epoch * global_batch}")
             global_step = start_epoch * steps_per_epoch + start_step_in_epoch
             log.info(f"resumed from {folder} at epoch {start_epoch}, step {global_step}")
         else:
             log.info("train.resume=auto: no checkpoint yet, starting fresh")
 
     log.info(f"{num_classes} classes, {data.num_images} images ({type(data).__name__}), {env.world_size} ranks x "
-             f"{t['batch_size']} = {env.world_size * t['batch_size']} per step, {steps_per_epoch} steps/epoch, {t['epochs']} epochs; "
+             f"{t['batch_size']} = {global_batch} per step, {steps_per_epoch} steps/epoch, {t['epochs']} epochs; "
              f"head: {cfg['head']['loss']} sample_rate={cfg['head']['sample_rate']} "
              f"({partition.num_local} classes on this rank)")
     evaluator = Evaluator(cfg, device, log, env.rank, env.world_size)
     if t["eval_before"] and start_epoch == 0 and global_step == 0:
         evaluator(engine.module, "before training", head.learned_thresholds())
 
-    meter = Meter(env.world_size * t["batch_size"], total_steps)
+    def save(tag: str, epoch: int, step_in_epoch: int) -> None:
+        complete = step_in_epoch == steps_per_epoch
+        meta = {"epoch": epoch + 1 if complete else epoch, "step_in_epoch": 0 if complete else step_in_epoch,
+                "samples_in_epoch": 0 if complete else step_in_epoch * global_batch, "global_batch": global_batch,
+                "global_step": global_step, "num_classes": num_classes, "loss": last_loss,
+                "zero_stage": engine.zero_optimization_stage(), "skipped_steps": guard.skipped_total}
+        watchdog.phase(False)
+        average_buffers(engine.module)  # one set of BatchNorm statistics for the checkpoint and the evaluation
+        path = checkpoint.save(ckpt_root, tag, engine=engine, head=head, head_opt=head_opt, cfg=cfg, meta=meta,
+                               rank=env.rank, world_size=env.world_size, keep=t["keep_checkpoints"],
+                               keep_steps=t["keep_step_checkpoints"])
+        clock.reset()
+        log.info(f"checkpoint written: {path}")
+
+    meter = Meter(global_batch, total_steps)
     last_loss = float("nan")
     preempt = PreemptionFlag()
+    guard = StepGuard(engine, head, head_opt, max_consecutive=t["max_nonfinite_steps"])
+    clock = CheckpointClock(t["checkpoint_every_steps"], t["checkpoint_every_minutes"], env.rank)
     engine.train()
     t_train = time.perf_counter()
     done = global_step >= total_steps
     stopped = False
+    saved_at = global_step
     for epoch in range(start_epoch, t["epochs"]):
         if done:
             break
@@ -255,49 +298,59 @@ def _train_with(cfg: dict, env, device, output: Path, log, data) -> dict:
         data.set_start_step(start_step_in_epoch if epoch == start_epoch else 0)
         if hasattr(head, "set_epoch"):
             head.set_epoch(epoch)  # losses with start epochs (UniTSFace's USS from 1, EPL from 3)
+        watchdog.phase(True)
         for images, labels in data:  # already on the device
             lr = lr_of(global_step)
             set_lr(lr, backbone_opt, head_opt)
+            log_step = (global_step + 1) % t["log_every"] == 0 or global_step + 1 == total_steps
+            guard.before_forward()
             embeddings = engine(images)
             loss, logs = head(embeddings, labels)
             engine.backward(loss)
-            engine.step()
-            if engine.was_step_applied():
-                head_opt.step()
-            head_opt.zero_grad()
+            flags = guard.agree(loss, stop=preempt.requested, checkpoint=clock.time_due())  # the step's host sync
+            applied = guard.apply(flags)
             global_step += 1
             meter.tick()
-            if global_step % t["log_every"] == 0 or global_step == total_steps:
-                last_loss = loss.item()  # the only host sync of a step, every log_every steps
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"loss became {last_loss} at epoch {epoch}, step {global_step}")
+            watchdog.progress(global_step)
+            where = f"epoch {epoch}, step {global_step}"
+            if not applied:
+                log.warning(f"{where}: non-finite loss or gradients (loss {loss.item():.4g}); step skipped on every "
+                            f"rank, nothing applied ({guard.consecutive} in a row, {guard.skipped_total} in total)")
+                guard.check_consecutive(where, data.batch_keys())
+            elif log_step:
+                last_loss = loss.item()
                 sps, hours = meter.report(global_step)
+                skipped = f"  skipped {guard.skipped_total}" if guard.skipped_total else ""
                 log.info(f"epoch {epoch} step {global_step}/{total_steps}  loss {last_loss:.4f}  lr {lr:.5f}  "
-                         f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min  {format_logs(logs)}")
-                if preempt.agreed(device):
-                    log.info(f"signal {preempt.signal_name}: saving a checkpoint at step {global_step} and stopping")
-                    done = stopped = True
-                    break
+                         f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min  {format_logs(logs)}{skipped}")
+            step_in_epoch = global_step - epoch * steps_per_epoch
+            if flags.stop:
+                log.warning(f"signal {preempt.signal_name or 'on another rank'}: saving a checkpoint at step "
+                            f"{global_step} and stopping")
+                done = stopped = True
+                break
             if global_step >= total_steps:
                 done = True
                 break
+            if (flags.checkpoint or clock.step_due(global_step)) and step_in_epoch < steps_per_epoch:
+                save(f"step_{global_step:07d}", epoch, step_in_epoch)
+                saved_at = global_step
+                watchdog.phase(True)
         step_in_epoch = global_step - epoch * steps_per_epoch
         complete = step_in_epoch == steps_per_epoch
-        tag = f"epoch_{epoch + 1:04d}" if complete else f"step_{global_step:07d}"
-        meta = {"epoch": epoch + 1 if complete else epoch, "step_in_epoch": 0 if complete else step_in_epoch,
-                "samples_in_epoch": 0 if complete else step_in_epoch * env.world_size * t["batch_size"],
-                "global_batch": env.world_size * t["batch_size"], "global_step": global_step,
-                "num_classes": num_classes, "loss": last_loss}
-        average_buffers(engine.module)  # one set of BatchNorm statistics for the checkpoint and the evaluation
-        path = checkpoint.save(ckpt_root, tag, engine=engine, head=head, head_opt=head_opt, cfg=cfg, meta=meta,
-                               rank=env.rank, world_size=env.world_size, keep=t["keep_checkpoints"])
-        log.info(f"checkpoint written: {path}")
+        if global_step != saved_at or complete:
+            save(f"epoch_{epoch + 1:04d}" if complete else f"step_{global_step:07d}", epoch, step_in_epoch)
+            saved_at = global_step
         if stopped:
             break
         if t["eval_every_epoch"] or done or epoch + 1 == t["epochs"]:
             evaluator(engine.module, f"after epoch {epoch + 1}", head.learned_thresholds())
     preempt.restore()
+    guard.txn.close()
     train_s = time.perf_counter() - t_train
+    if guard.skipped_total:
+        log.warning(f"{guard.skipped_total} non-finite step(s) were skipped in this run")
     return {"output": str(output), "checkpoint": str(ckpt_root / "latest"), "global_step": global_step,
             "last_loss": last_loss, "eval": evaluator.history, "train_seconds": train_s, "rank": env.rank,
-            "stopped_by_signal": preempt.signal_name if stopped else None}
+            "stopped_by_signal": (preempt.signal_name or "a signal on another rank") if stopped else None,
+            "skipped_steps": guard.skipped_total}

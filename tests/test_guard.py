@@ -1,0 +1,170 @@
+"""The step guard through real DeepSpeed on gloo ranks: a non-finite step changes nothing anywhere, identically on
+every rank (ZeRO 0 and 1); a finite step after it trains exactly as if the bad one never came; stop/checkpoint
+requests of one rank reach all."""
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+
+B, C, D = 4, 10, 16
+
+
+def _state(engine, head, head_opt) -> dict:
+    out = {f"backbone.{k}": v.detach().clone() for k, v in engine.module.state_dict().items()}
+    out.update({f"head.{k}": v.detach().clone() for k, v in head.state_dict().items() if isinstance(v, torch.Tensor)})
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() == 0:
+        for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                out[f"momentum.{i}"] = buf.clone()
+    else:
+        for i, group in enumerate(opt.single_partition_of_fp32_groups):
+            out[f"zero.fp32.{i}"] = group.detach().clone()
+            st = opt.optimizer.state.get(group, {})
+            if "momentum_buffer" in st and st["momentum_buffer"] is not None:
+                out[f"zero.momentum.{i}"] = st["momentum_buffer"].clone()
+    for j, p in enumerate(head_opt.dense):
+        out[f"head_param.{j}"] = p.detach().clone()
+    return out
+
+
+def _run(rank, world, zero_stage, loss_name, bad_rank):
+    import os
+
+    import backbones
+    import heads
+    from heads.optim import HeadOptimizer
+    from heads.partition import ClassPartition
+    from trainer.config import load_config
+    from trainer.distributed import prepare_deepspeed
+    from trainer.engine import build_engine
+    from trainer.guard import StepGuard
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    prepare_deepspeed(torch.device("cpu"))
+    torch.manual_seed(0)
+    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
+    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.zero_stage={zero_stage}"])
+    engine, _ = build_engine(backbone, cfg, world)
+    head = heads.build_head({"loss": loss_name, "scale": 16.0, **({"s2s_start_epoch": 0} if loss_name == "unitsface"
+                                                                    else {})},
+                            num_classes=C, embedding_size=D, partition=ClassPartition(C, world, rank), seed=3)
+    head_opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    guard = StepGuard(engine, head, head_opt, max_consecutive=2)
+    g = torch.Generator().manual_seed(10 + rank)
+    batches = [(torch.rand(B, 3, 112, 112, generator=g) * 2 - 1, torch.randint(0, C, (B,), generator=g))
+               for _ in range(3)]
+
+    def step(images, labels, stop=False, ckpt=False):
+        guard.before_forward()
+        loss, _ = head(engine(images), labels)
+        engine.backward(loss)
+        flags = guard.agree(loss, stop=stop, checkpoint=ckpt)
+        return flags, guard.apply(flags)
+
+    engine.train()
+    step(*batches[0])  # a good step first: momentum, memory and biases exist
+    before = _state(engine, head, head_opt)
+    bad = batches[1][0].clone()
+    if rank == bad_rank:
+        bad[0, 0, 0, 0] = float("nan")  # one pixel of one rank: NaN reaches every rank through the gather
+    flags, applied = step(bad, batches[1][1], stop=rank == 1, ckpt=rank == 0)
+    after_bad = _state(engine, head, head_opt)
+    consecutive = guard.consecutive
+    flags2, applied2 = step(*batches[2])
+    final = _state(engine, head, head_opt)
+    return {"flags": (flags.nonfinite, flags.stop, flags.checkpoint), "applied": (applied, applied2),
+            "unchanged": [k for k in before if not torch.equal(before[k], after_bad[k])],
+            "consecutive": (consecutive, guard.consecutive), "skipped": guard.skipped_total,
+            "final": final, "journal": len(guard.txn.journal)}
+
+
+def _reference(rank, world, zero_stage, loss_name):
+    """The same run without the bad step: steps 0 and 2 only."""
+    import os
+
+    import backbones
+    import heads
+    from heads.optim import HeadOptimizer
+    from heads.partition import ClassPartition
+    from trainer.config import load_config
+    from trainer.distributed import prepare_deepspeed
+    from trainer.engine import build_engine
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    prepare_deepspeed(torch.device("cpu"))
+    torch.manual_seed(0)
+    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
+    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.zero_stage={zero_stage}"])
+    engine, _ = build_engine(backbone, cfg, world)
+    head = heads.build_head({"loss": loss_name, "scale": 16.0, **({"s2s_start_epoch": 0} if loss_name == "unitsface"
+                                                                    else {})},
+                            num_classes=C, embedding_size=D, partition=ClassPartition(C, world, rank), seed=3)
+    head_opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(10 + rank)
+    batches = [(torch.rand(B, 3, 112, 112, generator=g) * 2 - 1, torch.randint(0, C, (B,), generator=g))
+               for _ in range(3)]
+    engine.train()
+    for images, labels in (batches[0], batches[2]):
+        loss, _ = head(engine(images), labels)
+        engine.backward(loss)
+        engine.step()
+        head_opt.step()
+        head_opt.zero_grad()
+    return _state(engine, head, head_opt)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("zero_stage,loss_name", [(0, "unitsface"), (1, "gb_cosface")])
+def test_a_non_finite_step_changes_nothing_and_the_next_one_trains_as_if_it_never_came(zero_stage, loss_name):
+    results = run_ranks(_run, 2, zero_stage, loss_name, 1, timeout=300)
+    reference = run_ranks(_reference, 2, zero_stage, loss_name, timeout=300)
+    for rank, (r, ref) in enumerate(zip(results, reference)):
+        assert r["flags"] == (True, True, True)  # NaN on rank 1, stop asked on rank 1, checkpoint on rank 0: all agree
+        assert r["applied"] == (False, True)
+        assert r["unchanged"] == [], f"rank {rank}: the skipped step changed {r['unchanged'][:5]}"
+        assert r["consecutive"] == (1, 0) and r["skipped"] == 1 and r["journal"] == 0
+        assert r["final"].keys() == ref.keys()
+        for k in ref:
+            assert torch.equal(r["final"][k], ref[k]), f"rank {rank}: {k} differs from the run without the bad step"
+
+
+def _nan_every_step(rank, world):
+    import os
+
+    import backbones
+    import heads
+    from heads.optim import HeadOptimizer
+    from heads.partition import ClassPartition
+    from trainer.config import load_config
+    from trainer.distributed import prepare_deepspeed
+    from trainer.engine import build_engine
+    from trainer.guard import NonFiniteError, StepGuard
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    prepare_deepspeed(torch.device("cpu"))
+    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
+    engine, _ = build_engine(backbone, load_config(None, ["data.root=unused", f"train.batch_size={B}"]), world)
+    head = heads.build_head({"loss": "cosface"}, num_classes=C, embedding_size=D,
+                            partition=ClassPartition(C, world, rank), seed=0)
+    head_opt = HeadOptimizer(head, lr=0.1)
+    guard = StepGuard(engine, head, head_opt, max_consecutive=3)
+    for k in range(5):
+        guard.before_forward()
+        loss, _ = head(engine(torch.full((B, 3, 112, 112), float("nan"))), torch.arange(B))
+        engine.backward(loss)
+        assert not guard.apply(guard.agree(loss, stop=False, checkpoint=False))
+        try:
+            guard.check_consecutive(f"step {k + 1}", [100 + rank, 200 + rank])
+        except NonFiniteError as e:
+            return k + 1, str(e)
+    return None
+
+
+@pytest.mark.multirank
+def test_k_non_finite_steps_in_a_row_end_the_run_naming_the_step_and_the_records():
+    for rank, (steps, message) in enumerate(run_ranks(_nan_every_step, 2, timeout=300)):
+        assert steps == 3
+        assert "3 non-finite steps in a row" in message and "the last at step 3" in message
+        assert f"[{100 + rank}, {200 + rank}]" in message
