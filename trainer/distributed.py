@@ -33,7 +33,7 @@ class DistEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    launcher: str  # "deepspeed" | "torchrun" | "slurm" | "single"
+    launcher: str  # "facetrain" (./run.sh) | "deepspeed" | "torchrun" | "slurm" | "single"
 
     @property
     def is_main(self) -> bool:
@@ -81,7 +81,8 @@ def free_port() -> int:
 def detect(env: Mapping[str, str] | None = None) -> DistEnv:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env or "LOCAL_WORLD_SIZE" in env else "deepspeed"
+        launcher = env.get("FACETRAIN_LAUNCHER") or (
+            "torchrun" if "TORCHELASTIC_RUN_ID" in env or "LOCAL_WORLD_SIZE" in env else "deepspeed")
         local_world = env.get("LOCAL_SIZE") or env.get("LOCAL_WORLD_SIZE") or env["WORLD_SIZE"]
         d = DistEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"), int(env.get("LOCAL_RANK", "0")), int(local_world),
                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), launcher)
@@ -161,6 +162,24 @@ def exit_process(code: int) -> None:
     import sys
     shutdown(synchronize=code == 0)
     logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def abort_process(code: int) -> None:
+    """End this rank at once from any thread (the watchdog's hang verdict): flush the logs and leave, without
+    touching the process group, which a peer may be holding in a collective."""
+    import logging
+    import sys
+    for handler in logging.getLogger("facetrain").handlers:
+        try:
+            handler.flush()
+        except (OSError, ValueError):
+            pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
