@@ -1,16 +1,21 @@
-"""Batched flip-sum features of image files, on one process or spread over the ranks of a process group.
+"""The one embedding pipeline: a stream of face images → features, on one process or spread over the ranks of a
+process group. Verification bins, IJB-B/C, MegaFace and the trainer's evaluator all embed through :func:`embed`.
 
-    images = FaceImages(paths, landmarks)               # landmarks [N, 5, 2] → aligned on the fly; None → 112x112
-    feats = extract_features(model, images, batch_size=256, device=device, num_workers=8)
+    feats = embed(model, images, batch_size=128, device=device, flip=True, normalize=False)
 
-feature(img) = f(img) + f(horizontally flipped img) (``flip=False``: f(img)), not normalised — the IJB protocol
-weights and pools raw features, MegaFace normalises them. Inputs are RGB, normalised (x/255 − 0.5)/0.5 like
-training.
+``images`` is a uint8 tensor [N, 3, H, W] (decoded verification bins) or a dataset of uint8 [3, H, W] tensors —
+:class:`FaceImages` reads image files (OpenCV's decoder, the one the field's IJB and MegaFace scripts use) and
+aligns them from 5 landmarks when given (eval.align). For every image:
 
-Several ranks (torchrun / the deepspeed launcher, see :func:`init_distributed_from_env`): rank r embeds the
-contiguous slice ``rank_slice(N, r, W)`` of the images and rank 0 gathers all rows, in chunks, into its result (an
-array, or ``out`` — e.g. a ``np.lib.format.open_memmap`` when a million rows should not live in RAM). Other ranks
-return None.
+    x = (img / 255 − 0.5) / 0.5                   (RGB, float32, like training)
+    feature = f(x) + f(horizontally flipped x)    (``flip=False``: f(x))
+    feature /= ‖feature‖ (in float64)             (``normalize=True``: verification, MegaFace; IJB pools raw ones)
+
+Several ranks (torchrun, the deepspeed launcher or srun — eval.launch): rank r embeds the contiguous slice
+``rank_slice(N, r, W)`` and rank 0 gathers every row, in fixed-size rounds, into its result (an array, or ``out`` —
+e.g. a ``np.lib.format.open_memmap`` when a million rows should not sit in RAM); the other ranks get None.
+
+The command-line helpers every eval command shares (which checkpoint, which device, where results go) live here too.
 """
 
 from __future__ import annotations
@@ -18,32 +23,36 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from PIL import Image
 from tqdm import tqdm
 
 from eval.align import AlignmentError, align_face
+from eval.launch import choose_device, cuda_device_index, dist_rank_world, init_distributed_from_env
 
 __all__ = [
     "FeatureError",
     "FaceImages",
     "rank_slice",
+    "embed",
+    "extract_features",
     "dist_rank_world",
     "init_distributed_from_env",
-    "extract_features",
+    "choose_device",
+    "cuda_device_index",
     "add_model_arguments",
     "model_from_arguments",
     "checkpoint_label",
 ]
 
 _GATHER_ROWS = 16384  # rows per gather round: 32 MB of float32 512-d features per rank
+cv2.setNumThreads(1)  # one image at a time per loader worker; OpenCV's own pool would only oversubscribe the cores
 
 
 class FeatureError(ValueError):
@@ -53,8 +62,8 @@ class FeatureError(ValueError):
 class FaceImages(torch.utils.data.Dataset):
     """Image files as uint8 [3, s, s] RGB tensors: aligned from 5 landmarks, or read as already aligned.
 
-    ``landmarks``: None (images must already be s x s) or float [N, 5, 2] in each image's pixel coordinates.
-    Items are ``(index, image)``.
+    ``landmarks``: None (images must already be s x s) or [N, 5, 2] in each image's pixel coordinates. Files are
+    decoded by OpenCV (EXIF orientation applied), as ``cv2.imread`` does in the field's scripts.
     """
 
     def __init__(
@@ -63,7 +72,7 @@ class FaceImages(torch.utils.data.Dataset):
         self.paths = [str(p) for p in paths]
         self.image_size = image_size
         if landmarks is not None:
-            landmarks = np.asarray(landmarks, dtype=np.float64)
+            landmarks = np.asarray(landmarks)
             if landmarks.shape != (len(self.paths), 5, 2):
                 raise FeatureError(
                     f"landmarks must be [N, 5, 2] for N={len(self.paths)} images, got {landmarks.shape}"
@@ -77,16 +86,19 @@ class FaceImages(torch.utils.data.Dataset):
         """The image ``index`` as uint8 [s, s, 3] RGB (aligned when landmarks were given)."""
         path = self.paths[index]
         try:
-            with Image.open(path) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise FeatureError(f"{path}: cannot read image ({e})") from None
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as e:
+            raise FeatureError(f"{path}: cannot read image ({e.strerror or e})") from None
+        bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if bgr is None:
+            raise FeatureError(f"{path}: cannot read image (not a decodable image file, {data.size} bytes)")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         s = self.image_size
         if self.landmarks is not None:
             try:
                 return align_face(rgb, self.landmarks[index], s)
             except AlignmentError as e:
-                points = self.landmarks[index].tolist()
+                points = np.asarray(self.landmarks[index]).tolist()
                 raise FeatureError(f"{path}: cannot align with landmarks {points}: {e}") from None
         if rgb.shape[:2] != (s, s):
             raise FeatureError(
@@ -95,8 +107,8 @@ class FaceImages(torch.utils.data.Dataset):
             )
         return rgb
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return index, torch.from_numpy(np.ascontiguousarray(self.load(index).transpose(2, 0, 1)))
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.load(index).transpose(2, 0, 1)))
 
 
 def rank_slice(n: int, rank: int, world_size: int) -> slice:
@@ -104,37 +116,6 @@ def rank_slice(n: int, rank: int, world_size: int) -> slice:
     base, extra = divmod(n, world_size)
     start = base * rank + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed_from_env(device: str | None = None) -> tuple[int, int, torch.device]:
-    """Join the process group a launcher describes (WORLD_SIZE > 1 with RANK, MASTER_ADDR, MASTER_PORT) and pick
-    this rank's device: ``device`` if given, else cuda:LOCAL_RANK when CUDA is available, else cpu.
-
-    One process without launcher variables: no group, rank 0 of 1. Backend: nccl on CUDA, gloo on CPU.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is not None:
-        dev = torch.device(device)
-    elif torch.cuda.is_available():
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not (dist.is_available() and dist.is_initialized()):
-        dist.init_process_group(
-            "nccl" if dev.type == "cuda" else "gloo", init_method="env://", timeout=timedelta(minutes=60)
-        )
-    rank, world = dist_rank_world()
-    return rank, world, dev
 
 
 def _show_progress(progress: bool | None) -> bool:
@@ -146,34 +127,35 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+def _batches(images: torch.Tensor | torch.utils.data.Dataset, batch_size: int, num_workers: int, pin: bool):
+    """uint8 [B, 3, H, W] batches in order: slices of a tensor, or a DataLoader over a dataset."""
+    if isinstance(images, torch.Tensor):
+        return (images[s : s + batch_size] for s in range(0, images.shape[0], batch_size))
+    return torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       pin_memory=pin)
+
+
 @torch.no_grad()
-def _embed_local(
-    model: torch.nn.Module,
-    images: torch.utils.data.Dataset,
-    batch_size: int,
-    device: torch.device,
-    flip: bool,
-    num_workers: int,
-    show: bool,
-    desc: str,
-    dest: np.ndarray | None = None,
-) -> np.ndarray | None:
-    """Features of every item of ``images`` in order, float32 [n, D], written into ``dest`` batch by batch (allocated
-    at the first batch when None). None when there are no items."""
-    loader = torch.utils.data.DataLoader(
-        images, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda"
-    )
+def _embed_local(model, images, n: int, batch_size: int, device: torch.device, flip: bool, normalize: bool,
+                 num_workers: int, show: bool, desc: str, dest: np.ndarray | None) -> np.ndarray | None:
+    """Features of the n items of ``images`` in order, float32 [n, D], written into ``dest`` batch by batch
+    (allocated at the first batch when None). None when there are no items."""
     row = 0
-    for _, batch in tqdm(loader, desc=desc, unit="batch", disable=not show, dynamic_ncols=True):
+    total = -(-n // batch_size)
+    for batch in tqdm(_batches(images, batch_size, num_workers, device.type == "cuda"), total=total, desc=desc,
+                      unit="batch", disable=not show, dynamic_ncols=True, leave=False):
         x = batch.to(device=device, non_blocking=True).float()
         x = (x / 255.0 - 0.5) / 0.5
         emb = model(x).float()
         if flip:
             emb = emb + model(torch.flip(x, dims=[3])).float()
+        if normalize:
+            emb = emb.double()
+            emb = (emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
         if dest is None:
-            dest = np.empty((len(images), emb.shape[1]), dtype=np.float32)
-        elif dest.shape != (len(images), emb.shape[1]):
-            raise FeatureError(f"out has shape {tuple(dest.shape)}, expected {(len(images), emb.shape[1])}")
+            dest = np.empty((n, emb.shape[1]), dtype=np.float32)
+        elif tuple(dest.shape) != (n, emb.shape[1]):
+            raise FeatureError(f"out has shape {tuple(dest.shape)}, expected {(n, emb.shape[1])}")
         dest[row : row + emb.shape[0]] = emb.cpu().numpy()
         row += emb.shape[0]
     return dest
@@ -182,8 +164,8 @@ def _embed_local(
 def _gather_to_rank0(local: np.ndarray | None, n: int, dim: int, out: np.ndarray | None) -> np.ndarray | None:
     """Collect every rank's rows (rank r holds rank_slice(n, r, W)) into ``out`` on rank 0, in fixed-size rounds."""
     rank, world = dist_rank_world()
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    comm_device = comm_device or torch.device("cpu")
+    nccl = dist.get_backend() == "nccl"
+    comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     slices = [rank_slice(n, r, world) for r in range(world)]
     longest = max(s.stop - s.start for s in slices)
     for start in range(0, longest, _GATHER_ROWS):
@@ -203,38 +185,50 @@ def _gather_to_rank0(local: np.ndarray | None, n: int, dim: int, out: np.ndarray
     return out if rank == 0 else None
 
 
-def extract_features(
+def embed(
     model: torch.nn.Module,
-    images: torch.utils.data.Dataset,
+    images: torch.Tensor | torch.utils.data.Dataset,
+    *,
     batch_size: int = 128,
     device: torch.device | str | None = None,
     flip: bool = True,
+    normalize: bool = False,
     num_workers: int = 0,
     progress: bool | None = None,
-    desc: str = "features",
+    desc: str = "embed",
     out: np.ndarray | None = None,
+    sharded: bool = True,
 ) -> np.ndarray | None:
-    """Features float32 [N, D] of all N items of ``images`` (rank 0; other ranks of a process group get None).
+    """Features float32 [N, D] of the N images (see the module docstring), on rank 0; None on the other ranks.
 
-    ``device`` defaults to the model's; the model runs in eval mode and its previous mode is restored. ``out``:
-    optional preallocated [N, D] float32 array (or memmap) for the result on rank 0. ``progress=None`` shows a tqdm
-    bar on a terminal (rank 0 only).
+    ``sharded=False``: this process embeds every image itself, whatever the process group. ``device`` defaults to
+    the model's; the model runs in eval mode under no_grad and gets its previous mode back. ``out``: an optional
+    preallocated [N, D] float32 array (or memmap) for the result on rank 0. ``num_workers``: loader processes for a
+    dataset (a tensor is sliced in place). ``progress=None`` shows a bar on a terminal (rank 0 only).
     """
+    if isinstance(images, torch.Tensor) and (images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3):
+        raise FeatureError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
     if batch_size < 1:
         raise FeatureError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(images)
+    n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
     if n == 0:
         raise FeatureError("no images to embed")
     device = torch.device(device) if device is not None else _model_device(model)
-    rank, world = dist_rank_world()
+    rank, world = dist_rank_world() if sharded else (0, 1)
     share = rank_slice(n, rank, world)
-    local_images = images if world == 1 else torch.utils.data.Subset(images, range(share.start, share.stop))
+    if world == 1:
+        local_images = images
+    elif isinstance(images, torch.Tensor):
+        local_images = images[share]
+    else:
+        local_images = torch.utils.data.Subset(images, range(share.start, share.stop))
     show = rank == 0 and _show_progress(progress)
     was_training = model.training
     model.eval()
     try:
-        local = _embed_local(model, local_images, batch_size, device, flip, num_workers, show,
-                             desc if world == 1 else f"{desc} (rank 0 of {world})", out if world == 1 else None)
+        local = _embed_local(model, local_images, share.stop - share.start, batch_size, device, flip, normalize,
+                             num_workers, show, desc if world == 1 else f"{desc} (rank 0 of {world})",
+                             out if world == 1 else None)
     finally:
         model.train(was_training)
     if world == 1:
@@ -254,10 +248,26 @@ def extract_features(
     return _gather_to_rank0(local, n, dim, out)
 
 
+def extract_features(
+    model: torch.nn.Module,
+    images: torch.Tensor | torch.utils.data.Dataset,
+    batch_size: int = 128,
+    device: torch.device | str | None = None,
+    flip: bool = True,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    desc: str = "features",
+    out: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """:func:`embed` without normalisation (IJB pools raw flip-summed features), sharded over the ranks."""
+    return embed(model, images, batch_size=batch_size, device=device, flip=flip, normalize=False,
+                 num_workers=num_workers, progress=progress, desc=desc, out=out)
+
+
 # ------------------------------------------------------------------------------------------ command-line helpers
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
     """The options every eval command shares: which checkpoint, how to run it, where results go."""
     parser.add_argument("--weights", required=True,
                         help="backbone.pth (arcface_torch layout, needs --network) or a checkpoint directory "
@@ -265,14 +275,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network", help="backbone name for get_model (required for a bare backbone.pth)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra get_model keyword (YAML value), e.g. num_features=512; repeatable")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per forward (per rank)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per forward (per rank)")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="image decoding / alignment processes per rank (0 = in the main process)")
     parser.add_argument("--device", default=None,
-                        help="torch device (default: cuda:LOCAL_RANK if CUDA is available, else cpu)")
+                        help="torch device (default: cuda:(LOCAL_RANK mod visible GPUs) if CUDA is available, "
+                             "else cpu)")
     parser.add_argument("--out", default=None, help="folder for the results (default: next to the checkpoint)")
     parser.add_argument("--label", default=None, help="name of this model in the tables (default: checkpoint name)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # the deepspeed launcher's; LOCAL_RANK is read from the environment
 
 
 def model_from_arguments(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -10,8 +10,9 @@ Data layout (insightface's IJB release; ``--data`` is the folder holding IJBB/ a
                                                  CSV with a header naming TEMPLATE_ID and SUBJECT_ID
 
 Protocol:
-1. each image is aligned onto the ArcFace template from its 5 points (eval.align) and embedded as
-   f(img) + f(flipped img) (eval.features);
+1. each image is decoded and aligned onto the ArcFace template from its 5 points as the field's scripts do
+   (OpenCV decode, skimage's similarity fit, cv2.warpAffine: eval.align) and embedded as f(img) + f(flipped img)
+   by the one embedding pipeline (eval.features.embed);
 2. optional: L2-normalise each image feature (off by default: the norm carries quality), then weight it by its
    detector faceness score (on by default);
 3. media pooling: the mean over the frames of one media (video) within a template; template = the SUM of its media
@@ -44,7 +45,7 @@ from eval.features import (
     FaceImages,
     add_model_arguments,
     checkpoint_label,
-    extract_features,
+    embed,
     init_distributed_from_env,
     model_from_arguments,
 )
@@ -631,8 +632,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         model, _ = model_from_arguments(args, device)
         images = FaceImages(meta.image_paths, meta.landmarks)
         t = time.perf_counter()
-        feats = extract_features(model, images, args.batch_size, device, flip=not args.no_flip,
-                                 num_workers=args.num_workers, progress=progress, desc=f"{args.subset} features")
+        feats = embed(model, images, batch_size=args.batch_size, device=device, flip=not args.no_flip,
+                      normalize=False, num_workers=args.num_workers, progress=progress, desc=f"{args.subset} features")
         if rank == 0:
             print(f"embedded {len(images)} images in {time.perf_counter() - t:.1f} s on {world} rank(s)")
             features_path.parent.mkdir(parents=True, exist_ok=True)

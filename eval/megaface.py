@@ -43,7 +43,7 @@ from eval.features import (
     FaceImages,
     add_model_arguments,
     checkpoint_label,
-    extract_features,
+    embed,
     init_distributed_from_env,
     model_from_arguments,
 )
@@ -274,9 +274,8 @@ def _features(
         if dim is not None:
             out = np.lib.format.open_memmap(path.with_suffix(".partial.npy"), mode="w+", dtype=np.float32,
                                             shape=(len(images), dim))
-    feats = extract_features(model_box["model"], images, args.batch_size, device, flip=True,
-                             num_workers=args.num_workers, progress=False if args.no_progress else None,
-                             desc=desc, out=out)
+    feats = embed(model_box["model"], images, batch_size=args.batch_size, device=device, flip=True, normalize=True,
+                  num_workers=args.num_workers, progress=False if args.no_progress else None, desc=desc, out=out)
     if rank != 0:
         return None
     if out is not None:

@@ -7,24 +7,27 @@
 - plus the "uniform threshold" accuracy: the best accuracy ONE threshold reaches on all pairs (an upper bound on the
   10-fold number, and the quantity a deployed system with one global threshold cares about).
 
-CLI: ``python -m eval.verification --weights PATH [--network NAME] --bins DIR|FILE ... [--json OUT]``; under a
-launcher (torchrun, deepspeed) every rank embeds a contiguous slice of the images and rank 0 scores and prints.
+Embeddings come from the one pipeline, eval.features.embed (normalize=True); this module holds the protocol.
+
+CLI: ``python -m eval.verification --weights PATH [--network NAME] --bins DIR|FILE ... [--targets lfw ...]``;
+every ``*.bin`` of a folder is evaluated, and one that cannot be used (damaged, undecodable, wrong image size, not
+among ``--targets``) is skipped and named with the reason. Under a launcher (torchrun, deepspeed, srun) every rank
+embeds a contiguous slice of the images and rank 0 scores, prints and writes ``eval_verification.json/.csv`` next
+to the checkpoint (or in ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from prettytable import PrettyTable
-from tqdm import tqdm
 
 from data.verification_bin import VerificationBinError, load_bin_images
+from eval.features import embed
 
 __all__ = [
     "THRESHOLDS",
@@ -36,17 +39,13 @@ __all__ = [
     "verify_loaded",
     "verify_bins",
     "format_table",
+    "select_bins",
     "main",
 ]
 
 THRESHOLDS = np.arange(0.0, 4.0, 0.01)  # insightface's grid: 400 values 0.00 … 3.99
 
 
-def _show_progress(progress: bool | None) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
-
-
-@torch.no_grad()
 def extract_embeddings(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -55,35 +54,10 @@ def extract_embeddings(
     progress: bool | None = None,
     desc: str = "embed",
 ) -> np.ndarray:
-    """Flip-summed, L2-normalised embeddings of uint8 images [M, 3, H, W] → float32 array [M, D].
-
-    ``device`` defaults to the device of the model's first parameter. The model runs in eval mode under no_grad and
-    is put back in its previous mode afterwards. ``progress=None`` shows a bar only on a terminal.
-    """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 [M, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    chunks = []
-    try:
-        starts = range(0, images.shape[0], batch_size)
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not _show_progress(progress), leave=False):
-            x = images[start : start + batch_size].to(device=device, non_blocking=True).float()
-            x = (x / 255.0 - 0.5) / 0.5
-            emb = model(x).float() + model(torch.flip(x, dims=[3])).float()
-            chunks.append(emb.cpu())
-    finally:
-        model.train(was_training)
-    if not chunks:
-        raise ValueError("no images to embed")
-    emb = torch.cat(chunks).double()
-    emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return emb.float().numpy()
+    """Flip-summed, L2-normalised embeddings float32 [M, D] of uint8 images [M, 3, H, W], all in this process
+    (eval.features.embed with normalize=True, sharded=False)."""
+    return embed(model, images, batch_size=batch_size, device=device, flip=True, normalize=True, progress=progress,
+                 desc=desc, sharded=False)
 
 
 def fold_slices(n: int, nfolds: int) -> list[slice]:
@@ -177,20 +151,10 @@ def embed_sharded(
     progress: bool | None = None,
     desc: str = "embed",
 ) -> np.ndarray | None:
-    """:func:`extract_embeddings` split over the ranks of the default process group: each rank embeds its contiguous
-    slice, rank 0 receives all of them in order ([M, D]); other ranks get None. One process: all images, here."""
-    import torch.distributed as dist
-
-    from eval.features import dist_rank_world, rank_slice
-
-    rank, world = dist_rank_world()
-    local = extract_embeddings(model, images[rank_slice(images.shape[0], rank, world)], batch_size, device,
-                               progress, desc)
-    if world == 1:
-        return local
-    parts: list = [None] * world
-    dist.all_gather_object(parts, local)
-    return np.concatenate(parts) if rank == 0 else None
+    """:func:`extract_embeddings` split over the ranks of the default process group (eval.features.embed): each
+    rank embeds its contiguous slice, rank 0 receives all of them in order ([M, D]); other ranks get None."""
+    return embed(model, images, batch_size=batch_size, device=device, flip=True, normalize=True, progress=progress,
+                 desc=desc)
 
 
 def verify_loaded(
@@ -218,105 +182,123 @@ def verify_bins(
     nfolds: int = 10,
     image_size: tuple[int, int] = (112, 112),
     progress: bool | None = None,
+    skipped: list[dict[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` on each bin; one result dict per bin (``target`` = file stem, ``path``, metrics) on rank 0
-    (an empty list on the other ranks of a process group, which embed their share of the images)."""
+    (an empty list on the other ranks of a process group, which embed their share of the images).
+
+    A bin that cannot be read or decoded raises VerificationBinError — or, when a list ``skipped`` is given, is
+    appended to it as ``{"path", "reason"}`` and left out (every rank reads every bin, so all skip the same ones).
+    """
     results = []
     for path in bin_paths:
-        images, issame = load_bin_images(path, image_size)
+        try:
+            images, issame = load_bin_images(path, image_size)
+        except VerificationBinError as e:
+            if skipped is None:
+                raise
+            skipped.append({"path": str(path), "reason": str(e).removeprefix(f"{path}: ")})
+            continue
         r = verify_loaded(model, path, images, issame, batch_size, device, nfolds, progress)
         if r is not None:
             results.append(r)
     return results
 
 
+def _table_rows(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    header = ["target", "pairs", "accuracy % (mean ± std)", "best threshold", "uniform-threshold acc %"]
+    rows = [[r["target"], r["pairs"], f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}",
+             f"{r['best_threshold']:.3f}",
+             f"{100 * r['uniform_accuracy']:.2f} (cos > {r['uniform_cosine_threshold']:.3f})"] for r in results]
+    return header, rows
+
+
 def format_table(results: Sequence[dict[str, Any]], title: str = "verification") -> str:
-    """A prettytable of verification results (accuracies in %)."""
-    table = PrettyTable(["target", "pairs", "accuracy % (mean ± std)", "best threshold", "uniform-threshold acc %"])
-    table.title = title
-    for r in results:
-        table.add_row(
-            [
-                r["target"],
-                r["pairs"],
-                f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}",
-                f"{r['best_threshold']:.3f}",
-                f"{100 * r['uniform_accuracy']:.2f} (cos > {r['uniform_cosine_threshold']:.3f})",
-            ]
-        )
-    return table.get_string()
+    """A prettytable of verification results (accuracies in %), through eval.tables.format_table."""
+    from eval.tables import format_table as table
+
+    return table(*_table_rows(results), title)
 
 
-def _expand_bins(items: Sequence[str]) -> list[Path]:
+def select_bins(items: Sequence[str], targets: Sequence[str] | None = None) -> tuple[list[Path], list[dict[str, str]]]:
+    """The bins to evaluate and the ones skipped (``{"path", "reason"}``).
+
+    ``items``: folders (each ``*.bin`` inside) and files. With ``targets`` (file stems such as lfw, cfp_fp), a bin
+    of a folder that is not among them is skipped; a target found nowhere, a missing path or a folder without bins
+    is an error (SystemExit naming it).
+    """
     paths: list[Path] = []
+    skipped: list[dict[str, str]] = []
+    wanted = set(targets or ())
     for item in items:
         p = Path(item)
         if p.is_dir():
             found = sorted(p.glob("*.bin"))
             if not found:
                 raise SystemExit(f"error: --bins {p}: directory holds no *.bin file")
-            paths.extend(found)
+            for f in found:
+                if wanted and f.stem not in wanted:
+                    skipped.append({"path": str(f), "reason": f"not among --targets {' '.join(targets)}"})
+                else:
+                    paths.append(f)
         elif p.is_file():
             paths.append(p)
         else:
             raise SystemExit(f"error: --bins {p}: no such file or directory")
-    return paths
-
-
-def _parse_model_args(items: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --model-arg {item!r}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(value)
-    return out
+    missing = sorted(wanted - {f.stem for f in paths})
+    if missing:
+        raise SystemExit(f"error: --targets {' '.join(missing)}: no such .bin among --bins {' '.join(items)}")
+    return paths, skipped
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    from eval.checkpoint_io import CheckpointError, load_model_for_eval
+    from eval.features import (add_model_arguments, checkpoint_label, init_distributed_from_env,
+                               model_from_arguments)
+    from eval.tables import output_dir_for, write_results
 
     parser = argparse.ArgumentParser(
         prog="python -m eval.verification",
         description="Verification accuracy (10-fold, flip-summed embeddings) of a backbone on InsightFace .bin sets.",
     )
-    parser.add_argument("--weights", required=True, help="backbone.pth (arcface_torch layout) or a checkpoint dir "
-                        "holding backbone.pth + config.yaml")
-    parser.add_argument("--network", help="backbone name for get_model (required for a bare backbone.pth)")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra get_model keyword (YAML value), e.g. num_features=512; repeatable")
+    add_model_arguments(parser, batch_size=64)
     parser.add_argument("--bins", nargs="+", required=True, help="directories (all *.bin inside) and/or .bin files")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+                        help="evaluate only these bins of the folders (file stems, e.g. lfw cfp_fp agedb_30)")
     parser.add_argument("--nfolds", type=int, default=10)
     parser.add_argument("--json", dest="json_out", help="also write the results as JSON to this file")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher's
     args = parser.parse_args(argv)
 
-    from eval.features import init_distributed_from_env
-
-    bins = _expand_bins(args.bins)
+    bins, skipped = select_bins(args.bins, args.targets)
+    explicit = {str(Path(b)) for b in args.bins if Path(b).is_file()}
     rank, _, device = init_distributed_from_env(args.device)
-    try:
-        model, model_cfg = load_model_for_eval(args.weights, args.network, **_parse_model_args(args.model_arg))
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-    model.to(device)
-    try:
-        results = verify_bins(model, bins, args.batch_size, device, args.nfolds,
-                              progress=False if args.no_progress else None)
-    except VerificationBinError as e:
-        raise SystemExit(f"error: {e}") from None
+    model, model_cfg = model_from_arguments(args, device)
+    unusable: list[dict[str, str]] = []
+    results = verify_bins(model, bins, args.batch_size, device, args.nfolds,
+                          progress=False if args.no_progress else None, skipped=unusable)
+    for s in unusable:
+        if s["path"] in explicit:  # a file named on the command line must be usable
+            raise SystemExit(f"error: {s['path']}: {s['reason']}")
+    skipped += unusable
+    if not results and rank == 0:
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
+        raise SystemExit(f"error: no usable verification bin ({reasons})")
     if rank != 0:
         return results
+    label = args.label or checkpoint_label(args.weights)
     print(format_table(results, title=f"{model_cfg['name']} @ {args.weights}"))
+    if skipped:
+        print(f"skipped {len(skipped)} bin(s):")
+        for s in skipped:
+            print(f"  {s['path']}: {s['reason']}")
+    data = {"kind": "verification", "weights": str(args.weights), "label": label, "model": model_cfg,
+            "results": results, "skipped": skipped}
+    out_dir = output_dir_for(args.weights, args.out)
+    json_path, csv_path = write_results(out_dir, "eval_verification", data, *_table_rows(results))
+    written = [json_path, csv_path]
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"weights": str(args.weights), "model": model_cfg,
-                                                   "results": results}, indent=2))
-        print(f"results written to {args.json_out}")
+        Path(args.json_out).write_text(json.dumps(data, indent=2) + "\n")
+        written.append(Path(args.json_out))
+    print("results written to " + ", ".join(map(str, written)))
     return results
 
 

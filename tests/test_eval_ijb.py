@@ -1,5 +1,6 @@
-"""IJB-B/C evaluation: alignment, the ROC and TAR@FAR, template pooling, pair scoring, 1:N metrics, meta-file
-parsing and errors, multi-rank feature extraction, and the end-to-end command on a synthetic IJB-C."""
+"""IJB-B/C evaluation: template pooling, pair scoring, 1:N metrics, meta-file parsing and errors, multi-rank
+feature extraction, and the end-to-end command on a synthetic IJB-C against a table computed by hand.
+(Alignment: tests/test_eval_align.py; ROC and TAR@FAR: tests/test_eval_roc.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 import torch
 
 from eval import ijb
-from eval.align import ARCFACE_TEMPLATE, AlignmentError, align_face, estimate_similarity, warp_affine
 from eval.features import FaceImages, FeatureError, extract_features, rank_slice
 from tests.distributed import run_ranks
 from tests.fixtures_eval import (
@@ -23,81 +23,6 @@ from tests.fixtures_eval import (
     save_image,
     small_model,
 )
-
-# ------------------------------------------------------------------------------------------------- alignment
-
-
-def similarity(angle_deg: float, scale: float, tx: float, ty: float) -> np.ndarray:
-    a = math.radians(angle_deg)
-    return np.array([[scale * math.cos(a), -scale * math.sin(a), tx], [scale * math.sin(a), scale * math.cos(a), ty]])
-
-
-def test_similarity_recovers_a_known_transform_exactly():
-    m = similarity(23.0, 1.7, 31.5, -12.25)
-    src = ARCFACE_TEMPLATE * 1.3 + 7
-    dst = src @ m[:, :2].T + m[:, 2]
-    np.testing.assert_allclose(estimate_similarity(src, dst), m, atol=1e-10)
-
-
-def test_similarity_is_the_least_squares_fit():
-    # independent formulation: x' = a x − b y + tx, y' = b x + a y + ty, solved as a linear least-squares problem
-    rng = np.random.default_rng(0)
-    src = ARCFACE_TEMPLATE + rng.normal(0, 3, (5, 2)) + 40
-    dst = ARCFACE_TEMPLATE + rng.normal(0, 3, (5, 2))
-    rows = []
-    for (x, y) in src:
-        rows += [[x, -y, 1, 0], [y, x, 0, 1]]
-    a, b, tx, ty = np.linalg.lstsq(np.array(rows), dst.reshape(-1), rcond=None)[0]
-    np.testing.assert_allclose(estimate_similarity(src, dst), [[a, -b, tx], [b, a, ty]], atol=1e-9)
-
-
-def test_alignment_recovers_the_face_exactly_under_grid_transforms():
-    face = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
-    # integer translation
-    canvas = np.zeros((160, 170, 3), np.uint8)
-    canvas[31:143, 23:135] = face
-    np.testing.assert_array_equal(align_face(canvas, ARCFACE_TEMPLATE + [23, 31]), face)
-    # 2x upscale by pixel repetition: aligned pixel x reads loose pixel 2x + offset
-    canvas = np.zeros((260, 250, 3), np.uint8)
-    canvas[5:229, 9:233] = face.repeat(2, 0).repeat(2, 1)
-    np.testing.assert_array_equal(align_face(canvas, ARCFACE_TEMPLATE * 2 + [9, 5]), face)
-    # rotation by 90 degrees: face[y, x] = rot[111 - x, y]
-    canvas = np.zeros((130, 130, 3), np.uint8)
-    canvas[7:119, 11:123] = np.rot90(face)
-    landmarks = np.stack([ARCFACE_TEMPLATE[:, 1] + 11, 111 - ARCFACE_TEMPLATE[:, 0] + 7], axis=1)
-    np.testing.assert_array_equal(align_face(canvas, landmarks), face)
-
-
-def test_warp_matches_a_per_pixel_opencv_style_reference():
-    rng = np.random.default_rng(2)
-    img = rng.integers(0, 256, (90, 80, 3), dtype=np.uint8)
-    m = similarity(-17.0, 0.8, 10.3, 25.7)
-    out = warp_affine(img, m, (60, 70))
-    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))
-    for y, x in [(0, 0), (5, 7), (33, 41), (69, 59), (50, 3), (12, 55)]:
-        u, v = inv[0, 0] * x + inv[0, 1] * y + inv[0, 2], inv[1, 0] * x + inv[1, 1] * y + inv[1, 2]
-        u, v = round(u * 32) / 32, round(v * 32) / 32  # OpenCV's 1/32-pixel grid
-        u0, v0 = math.floor(u), math.floor(v)
-        value = np.zeros(3)
-        for dy in (0, 1):
-            for dx in (0, 1):
-                w = (u - u0 if dx else 1 - (u - u0)) * (v - v0 if dy else 1 - (v - v0))
-                r, c = v0 + dy, u0 + dx
-                if 0 <= r < 90 and 0 <= c < 80:
-                    value += w * img[r, c]
-        np.testing.assert_allclose(out[y, x], np.rint(value), atol=0, err_msg=f"pixel ({y}, {x})")
-    assert (out == 0).all(axis=2).any(), "pixels mapped outside the input must be black"
-
-
-def test_alignment_errors_are_clear():
-    img = np.zeros((50, 50, 3), np.uint8)
-    with pytest.raises(AlignmentError, match="5 landmarks"):
-        align_face(img, np.zeros((4, 2)))
-    with pytest.raises(AlignmentError, match="one point"):
-        align_face(img, np.ones((5, 2)))
-    with pytest.raises(AlignmentError, match="finite"):
-        align_face(img, np.full((5, 2), np.nan))
-
 
 # -------------------------------------------------------------------------------- TAR@FAR reference (counting)
 
@@ -331,10 +256,20 @@ def test_end_to_end_ijbc_on_a_synthetic_set(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "IJB-C 1:1 verification" in printed and "results written to" in printed
 
-    # known answers of the fixture: the planted impostor blocks every FAR below 1/N
+    # The table by hand. P = 6 positives, N = 6·5 + 1 = 31 negatives; by construction the planted impostor scores
+    # above every positive and every positive above the 30 other negatives, so the sorted pairs read
+    # [impostor, 6 positives, 30 negatives]. Rule "le": ⌊31·FAR⌋ false accepts allowed: 0 up to FAR 1e-2 (0.31),
+    # so the threshold must clear the impostor and rejects every positive; 3 at FAR 1e-1, enough for all positives.
+    # Rule "insightface": scikit-learn's ROC keeps (0, 0), (1/31, 0), (1/31, 1), (1, 1); up to FAR 1e-2 the
+    # nearest FPR is 0 (|0.01 − 0| < |0.01 − 0.032|) -> TPR 0; at 1e-1 it is 1/31 (0.068 < 0.1), where the
+    # highest TPR, 1, is taken (the rule before this fix took the first point there: 0).
+    hand_le = {"1e-06": 0.0, "1e-05": 0.0, "1e-04": 0.0, "1e-03": 0.0, "1e-02": 0.0, "1e-01": 1.0}
+    hand_insightface = {"1e-06": 0.0, "1e-05": 0.0, "1e-04": 0.0, "1e-03": 0.0, "1e-02": 0.0, "1e-01": 1.0}
     saved = json.loads((ckpt / "eval_ijbc.json").read_text())
-    assert saved["verification"]["tar_at_far"] == pytest.approx(fx.expected_tar)
-    assert saved["verification"]["negative_pairs"] == fx.negatives == 31
+    assert saved["verification"]["tar_at_far"] == hand_le
+    assert saved["verification"]["tar_at_far_insightface"] == hand_insightface
+    assert (saved["verification"]["positive_pairs"], saved["verification"]["negative_pairs"]) == (6, 31)
+    assert fx.negatives == 31 and fx.positives == 6
     assert saved == json.loads(json.dumps(result))
     for g in ("G1", "G2"):
         assert saved["identification"][g]["rank"] == {"1": 1.0, "5": 1.0, "10": 1.0}
