@@ -380,3 +380,42 @@ def test_cli_end_to_end(tiny_setup, tmp_path):
     # a bare backbone.pth needs --network; the error is one clear line, no traceback
     p = run_cli("--weights", str(root / "backbone.pth"), "--bins", str(bins / "tiny.bin"))
     assert p.returncode != 0 and "needs the network name" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cli_names_the_bins_it_skipped_and_why(tiny_setup, tmp_path, capsys):
+    root, ckpt, bins, _ = tiny_setup
+    folder = tmp_path / "bins"
+    folder.mkdir()
+    good = (bins / "tiny.bin").read_bytes()
+    (folder / "lfw.bin").write_bytes(good)
+    (folder / "agedb_30.bin").write_bytes(good)
+    (folder / "damaged.bin").write_bytes(good[: len(good) // 2])
+    write_bin(folder / "wrong_size.bin", [jpeg(x) for x in random_images(2, size=(96, 112))], [True])
+    out = tmp_path / "out"
+    results = verification_main(["--weights", str(ckpt), "--bins", str(folder), "--no-progress", "--device", "cpu",
+                                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert [r["target"] for r in results] == ["agedb_30", "lfw"]
+    assert "skipped 2 bin(s):" in printed
+    assert f"{folder / 'damaged.bin'}: not a readable pickle" in printed
+    assert f"{folder / 'wrong_size.bin'}: image 0: image is 96x112 (HxW), expected 112x112" in printed
+    saved = json.loads((out / "eval_verification.json").read_text())
+    assert [s["path"] for s in saved["skipped"]] == [str(folder / "damaged.bin"), str(folder / "wrong_size.bin")]
+    assert saved["kind"] == "verification" and [r["target"] for r in saved["results"]] == ["agedb_30", "lfw"]
+    assert (out / "eval_verification.csv").read_text().splitlines()[0].startswith("target,pairs,accuracy")
+
+    # --targets: the other bins of the folder are skipped, with that reason; a target that is nowhere is an error
+    verification_main(["--weights", str(ckpt), "--bins", str(folder), "--targets", "lfw", "--no-progress",
+                       "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert f"{folder / 'agedb_30.bin'}: not among --targets lfw" in printed and "skipped 3 bin(s):" in printed
+    with pytest.raises(SystemExit, match=r"--targets cfp_fp: no such .bin among --bins"):
+        verification_main(["--weights", str(ckpt), "--bins", str(folder), "--targets", "lfw", "cfp_fp",
+                           "--device", "cpu"])
+    # nothing usable at all: one error naming every skipped bin
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "damaged.bin").write_bytes(good[:100])
+    with pytest.raises(SystemExit, match=r"no usable verification bin \(.*damaged.bin: not a readable pickle"):
+        verification_main(["--weights", str(ckpt), "--bins", str(only_bad), "--no-progress", "--device", "cpu",
+                           "--out", str(out)])
