@@ -9,18 +9,34 @@ Data layout (insightface's MegaFace test pack, images already aligned to 112x112
                         whose label is wrong; distractor paths ("a1/a2/image.jpg", or tab-separated with the path
                         last) that show a FaceScrub identity
 
-Features: f(img) + f(flipped img), L2-normalised (as insightface's gen_megaface); scores are cosines.
+Features: f(img) + f(flipped img), L2-normalised (as insightface's gen_megaface, through eval.features.embed);
+scores are cosines.
 
-Protocol (the devkit's, on cosine instead of L2 distance — the same ordering for unit vectors):
-- identification: for every identity and every ordered pair (p, q) of its images, q joins the distractors as the
-  gallery mate of probe p; rank = 1 + #(distractors d with s(p, d) > s(p, q)); rank-k rate = fraction of ordered
-  pairs with rank ≤ k. Only each probe's top-k distractor scores are needed: they are kept across chunks.
-- verification: positives = same-identity probe pairs, negatives = every probe × every distractor;
-  TAR@FAR by rule "le" (eval.roc): v = the (⌊FAR·N⌋+1)-th largest negative, kept as a running top-k across
-  chunks; TAR = #(positives > v)/P.
-- noise lists (the "refined" numbers): listed distractors are removed (insightface gives them an extra feature
-  dimension of 100, which puts them out of reach — the same effect); a listed FaceScrub image gets the mean
-  feature of its identity's clean images ("centre", insightface's rule) or is dropped ("drop").
+How the numbers follow the devkit's definitions. The devkit binary (``Identification``, run by the devkit's
+``run_experiment.py``) is not available, so the two numbers are computed here from their definitions:
+- [MF16] I. Kemelmacher-Shlizerman, S. Seitz, D. Miller, E. Brossard, "The MegaFace Benchmark: 1 Million Faces for
+  Recognition at Scale", CVPR 2016, Sec. 3: identification with distractors — each image of a FaceScrub identity is
+  in turn put into the gallery with the distractors and searched for with each other image of that identity;
+  verification — same-identity FaceScrub pairs against FaceScrub × distractor pairs, TAR at FAR = 1e-6;
+- the devkit's README (``devkit/experiments/run_experiment.py``): it scores a probe–distractor matrix
+  (``facescrub_megaface_*.bin``) and a probe–probe matrix (``facescrub_facescrub_*.bin``) and writes the CMC and
+  the ROC from those two matrices (``cmc_facescrub_megaface_*_{size}_{set}.json``) for each set size;
+- insightface's ``recognition/_evaluation_/megaface/remove_noises.py`` (the "refined" lists): a listed FaceScrub
+  image gets its identity's centre, normalise(Σ clean features + uniform(±0.001) noise); a listed distractor gets
+  a 513th dimension of 100, which keeps it in the set but farther from every probe than anything else.
+
+Here, with s = cosine (for unit vectors the L2 distance the devkit ranks by is √(2 − 2s): the same order):
+- identification: for every identity and every ordered pair (p, q) of its images, rank = 1 + #(distractors d with
+  s(p, d) > s(p, q)); rank-k rate = fraction of ordered pairs with rank ≤ k (rank-1 = the CMC's first point). Only
+  each probe's top-k distractor scores are needed: they are kept across chunks.
+- verification: positives = unordered same-identity probe pairs, negatives = every probe × every distractor,
+  N = P·M; TAR@FAR by rule "le" (eval.roc): v = the (⌊FAR·N⌋+1)-th largest negative, kept as a running top-k
+  across chunks; TAR = #(positives > v)/P — the best TAR of a threshold with at most ⌊FAR·N⌋ false accepts (the
+  devkit's exact ROC sampling lives in its binary; this is the operating point the definition asks for).
+- noise lists: a listed distractor is out of reach, as insightface makes it — it never outranks a mate and is
+  never a false accept, but still counts in N (the set keeps its size); a listed FaceScrub image gets its
+  identity's centre normalise(mean of the clean features) ("centre", insightface's rule without its ±0.001 random
+  jitter, so runs repeat exactly) or is dropped ("drop").
 
 CLI: ``python -m eval.megaface --weights PATH --data DIR [--facescrub-noises F --megaface-noises F]``.
 """
@@ -190,7 +206,7 @@ def megaface_metrics(
     probe_feats: torch.Tensor,
     probe_identities: np.ndarray,
     distractor_feats: np.ndarray,
-    keep_distractors: np.ndarray | None = None,
+    out_of_reach: np.ndarray | None = None,
     ranks: Sequence[int] = DEFAULT_RANKS,
     fars: Sequence[float] = DEFAULT_FARS,
     chunk_rows: int = 16384,
@@ -199,7 +215,8 @@ def megaface_metrics(
     """Identification rank-k and verification TAR@FAR (see the module docstring) in one pass over the distractors.
 
     ``probe_feats`` [P, D] must be L2-normalised (its device is used for the products); ``distractor_feats``
-    [M, D] may be a memmap and is normalised chunk by chunk; ``keep_distractors`` [M] bool removes rows.
+    [M, D] may be a memmap and is normalised chunk by chunk; ``out_of_reach`` [M] bool marks listed distractors:
+    never scored (below every probe score), still counted in N = P·M.
     Memory: one [P, chunk_rows] score block, [P, max(ranks)] and the ⌊max(FAR)·P·M⌋+1 largest negatives.
     """
     ids = np.asarray(probe_identities)
@@ -207,9 +224,10 @@ def megaface_metrics(
     device = probe_feats.device
     x = probe_feats.float()
     m_total = distractor_feats.shape[0]
-    keep = np.ones(m_total, dtype=bool) if keep_distractors is None else np.asarray(keep_distractors, dtype=bool)
-    num_distractors = int(keep.sum())
-    num_neg = p * num_distractors
+    keep = np.ones(m_total, dtype=bool) if out_of_reach is None else ~np.asarray(out_of_reach, dtype=bool)
+    if keep.shape != (m_total,):
+        raise MegaFaceError(f"out_of_reach has shape {keep.shape}, expected ({m_total},) for the distractors")
+    num_neg = p * m_total
     k_rank = max(ranks)
     k_neg = min(num_neg, int(math.floor(max(fars) * num_neg + _FAR_SLACK)) + 1)
     top_d = torch.full((p, k_rank), -math.inf, device=device)
@@ -238,7 +256,8 @@ def megaface_metrics(
     return {
         "probes": p,
         "identities": int(len(np.unique(ids))),
-        "distractors": num_distractors,
+        "distractors": m_total,
+        "distractors_out_of_reach": int(m_total - keep.sum()),
         "identification": {"ordered_pairs": int(len(mate)), "rank": rank_rates},
         "verification": {
             "positive_pairs": int(pos.size),
@@ -336,12 +355,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         noisy = facescrub_noise_mask(data.probe_names, read_noise_list(args.facescrub_noises))
         probe_feats, identities = clean_probe_features(probe_feats, identities, noisy, args.noise_policy)
         noise["facescrub_listed_in_set"] = int(noisy.sum())
-    keep = None
+    noisy_d = None
     if args.megaface_noises:
         noisy_d = megaface_noise_mask(data.distractor_names, read_noise_list(args.megaface_noises))
-        keep = ~noisy_d
-        noise["distractors_removed"] = int(noisy_d.sum())
-    result = megaface_metrics(probe_feats, identities, distractors, keep, DEFAULT_RANKS, args.fars,
+        noise["distractors_listed_in_set"] = int(noisy_d.sum())
+    result = megaface_metrics(probe_feats, identities, distractors, noisy_d, DEFAULT_RANKS, args.fars,
                               args.chunk_rows, progress=not args.no_progress and sys.stderr.isatty())
     result.update({"kind": "megaface", "weights": str(args.weights), "label": label, "noise": noise,
                    "features": {"facescrub": str(probe_path), "distractors": str(distractor_path)},

@@ -1,5 +1,6 @@
-"""MegaFace challenge 1: the chunked metrics against hand-computed cases and a brute-force reference, the noise
-lists, list parsing errors, and the end-to-end command on a synthetic test pack."""
+"""MegaFace challenge 1: the chunked metrics against hand-computed cases and an independent brute force that scores
+the feature files insightface would hand the devkit (noise lists applied its way, L2 distances, plain loops), list
+parsing errors, and the end-to-end command on a synthetic test pack with distractors and both noise lists."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pytest
 import torch
 
 from eval import megaface as mf
-from eval.roc import roc_curve, tar_at_far
 from tests.fixtures_eval import make_megaface_dataset, make_small_weights
 
 
@@ -32,39 +32,88 @@ def test_metrics_hand_computed():
     assert r["verification"]["negative_pairs"] == 4 and r["verification"]["positive_pairs"] == 2
 
 
-def brute_force(probes, ids, distractors, ranks, fars):
-    p = probes / np.linalg.norm(probes, axis=1, keepdims=True)
-    d = distractors / np.linalg.norm(distractors, axis=1, keepdims=True)
-    pp, pd = p @ p.T, p @ d.T
+def devkit_brute_force(probes, ids, distractors, ranks, fars, probe_noisy=None, distractor_noisy=None,
+                       policy="centre"):
+    """An independent computation: the feature files insightface would hand the devkit, scored with plain loops.
+
+    Unit features with a 513th dimension of 0; a listed FaceScrub image becomes its identity's centre
+    (Σ clean unit features, normalised; insightface's remove_noises without its random jitter) or is dropped; a
+    listed distractor gets a 513th dimension of 100. Then L2 distances, as the devkit ranks: identification over
+    ordered same-identity pairs, rank = 1 + #(distractors nearer to p than its mate q); verification: the best
+    TPR over distance thresholds t (accept d ≤ t) with at most ⌊FAR·N⌋ of the N = P·M probe × distractor pairs
+    accepted, positives = unordered same-identity probe pairs.
+    """
+    ids = np.asarray(ids)
+    n_p, n_d = len(probes), len(distractors)
+    probe_noisy = np.zeros(n_p, bool) if probe_noisy is None else np.asarray(probe_noisy)
+    distractor_noisy = np.zeros(n_d, bool) if distractor_noisy is None else np.asarray(distractor_noisy)
+    p = np.asarray(probes, np.float64)
+    p = np.hstack([p / np.linalg.norm(p, axis=1, keepdims=True), np.zeros((n_p, 1))])
+    d = np.asarray(distractors, np.float64)
+    d = np.hstack([d / np.linalg.norm(d, axis=1, keepdims=True), 100.0 * distractor_noisy[:, None]])
+    if policy == "drop":
+        p, ids = p[~probe_noisy], ids[~probe_noisy]
+    else:
+        clean_p = p.copy()
+        for i in np.flatnonzero(probe_noisy):
+            members = (ids == ids[i]) & ~probe_noisy
+            if members.any():
+                centre = clean_p[members, :512].sum(0)
+                p[i, :512] = centre / np.linalg.norm(centre)
     ranks_of_pairs, pos = [], []
     for i in range(len(p)):
+        to_distractors = [np.linalg.norm(p[i] - d[k]) for k in range(n_d)]
         for j in range(len(p)):
             if i != j and ids[i] == ids[j]:
-                ranks_of_pairs.append(1 + int((pd[i] > pp[i, j]).sum()))
+                mate = np.linalg.norm(p[i] - p[j])
+                ranks_of_pairs.append(1 + sum(x < mate for x in to_distractors))
                 if i < j:
-                    pos.append(pp[i, j])
+                    pos.append(mate)
+    neg = np.array([np.linalg.norm(p[i] - d[k]) for i in range(len(p)) for k in range(n_d)])
+    pos = np.array(pos)
+    tars = []
+    for far in fars:
+        budget = math.floor(far * neg.size + 1e-9)
+        best = 0.0
+        for t in np.r_[-np.inf, np.unique(np.r_[pos, neg])]:
+            if (neg <= t).sum() <= budget:
+                best = max(best, float((pos <= t).mean()))
+        tars.append(best)
     ranks_of_pairs = np.array(ranks_of_pairs)
-    scores = np.r_[pos, pd.reshape(-1)]
-    labels = np.r_[np.ones(len(pos), bool), np.zeros(pd.size, bool)]
-    return ({str(k): float((ranks_of_pairs <= k).mean()) for k in ranks},
-            tar_at_far(roc_curve(scores, labels), fars).tolist())
+    return {str(k): float((ranks_of_pairs <= k).mean()) for k in ranks}, tars
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 64, 1000])
-def test_chunked_metrics_equal_brute_force(chunk_rows):
+def test_chunked_metrics_with_noise_lists_equal_the_devkit_brute_force(chunk_rows):
     rng = np.random.default_rng(chunk_rows)
     centres = rng.normal(size=(6, 24))
     ids = np.repeat(np.arange(6), 5)
     probes = (centres[ids] + 0.6 * rng.normal(size=(30, 24))).astype(np.float32)
+    probes[[3, 17]] = (centres[[4, 1]] + 0.6 * rng.normal(size=(2, 24))).astype(np.float32)  # mislabelled
     distractors = (rng.normal(size=(300, 24)) + 0.3 * centres[rng.integers(0, 6, 300)]).astype(np.float32)
-    keep = rng.random(300) > 0.1
-    fars = (1e-4, 1e-3, 1e-2)
+    distractors[[11, 250]] = centres[[0, 2]] + 0.05 * rng.normal(size=(2, 24))  # show FaceScrub identities
+    probe_noisy = np.isin(np.arange(30), [3, 17])
+    distractor_noisy = rng.random(300) < 0.1
+    distractor_noisy[[11, 250]] = True
+    fars = (1e-4, 1e-3, 1e-2, 0.05)
+    for policy in ("centre", "drop"):
+        p = torch.nn.functional.normalize(torch.from_numpy(probes), dim=1)
+        p, kept_ids = mf.clean_probe_features(p, ids, probe_noisy, policy)
+        r = mf.megaface_metrics(p, kept_ids, distractors, distractor_noisy, ranks=(1, 3, 10), fars=fars,
+                                chunk_rows=chunk_rows)
+        ranks, tars = devkit_brute_force(probes, ids, distractors, (1, 3, 10), fars, probe_noisy, distractor_noisy,
+                                         policy)
+        assert r["identification"]["rank"] == pytest.approx(ranks), policy
+        assert list(r["verification"]["tar_at_far"].values()) == pytest.approx(tars), policy
+        assert r["distractors"] == 300 and r["distractors_out_of_reach"] == distractor_noisy.sum()
+        assert r["verification"]["negative_pairs"] == len(kept_ids) * 300  # listed distractors still count in N
+        assert 0 < ranks["1"] < 1 and 0 < tars[1] < 1  # a case that discriminates
+    # without the lists: the planted distractors and mislabelled probes cost rank-1
     p = torch.nn.functional.normalize(torch.from_numpy(probes), dim=1)
-    r = mf.megaface_metrics(p, ids, distractors, keep, ranks=(1, 3, 10), fars=fars, chunk_rows=chunk_rows)
-    ranks, tars = brute_force(probes, ids, distractors[keep], (1, 3, 10), fars)
-    assert r["identification"]["rank"] == pytest.approx(ranks)
-    assert list(r["verification"]["tar_at_far"].values()) == pytest.approx(tars)
-    assert r["distractors"] == keep.sum() and 0 < ranks["1"] < 1 and 0 < tars[1] < 1  # a case that discriminates
+    raw = mf.megaface_metrics(p, ids, distractors, ranks=(1,), fars=fars, chunk_rows=chunk_rows)
+    ranks, tars = devkit_brute_force(probes, ids, distractors, (1,), fars)
+    assert raw["identification"]["rank"] == pytest.approx(ranks)
+    assert list(raw["verification"]["tar_at_far"].values()) == pytest.approx(tars)
 
 
 def test_noise_lists_and_probe_cleaning(tmp_path):
@@ -119,23 +168,32 @@ def test_end_to_end_on_a_synthetic_test_pack(tmp_path, capsys):
     assert raw["verification"]["tar_at_far"]["1e-06"] < 1.0
     assert raw["distractors"] == 30
 
-    # the same numbers from the saved features, brute force
+    # the same numbers from the saved features, by the devkit-style brute force
     probes = np.load(out / "megaface_facescrub_features.npy")
     distractors = np.load(out / "megaface_distractor_features_30.npy")
     data = mf.read_megaface_set(fx.root)
-    ranks, tars = brute_force(probes, data.probe_identities, distractors, (1, 5, 10), (1e-6,))
+    ranks, tars = devkit_brute_force(probes, data.probe_identities, distractors, (1, 5, 10), (1e-6,))
     assert raw["identification"]["rank"] == pytest.approx(ranks)
     assert [raw["verification"]["tar_at_far"]["1e-06"]] == pytest.approx(tars)
 
     # the noise lists repair both planted problems: every pair found at rank 1, every positive accepted
+    probe_noisy = mf.facescrub_noise_mask(data.probe_names, mf.read_noise_list(fx.facescrub_noises))
+    distractor_noisy = mf.megaface_noise_mask(data.distractor_names, mf.read_noise_list(fx.megaface_noises))
+    fars = (1e-6, 0.01, 0.05)
     for policy, probes_left in (("centre", 16), ("drop", 15)):
         refined = mf.main(base + ["--facescrub-noises", str(fx.facescrub_noises), "--megaface-noises",
-                                  str(fx.megaface_noises), "--noise-policy", policy, "--chunk-rows", "8"])
+                                  str(fx.megaface_noises), "--noise-policy", policy, "--chunk-rows", "8",
+                                  "--fars", *map(str, fars)])
         assert "reusing FaceScrub features" in capsys.readouterr().out
         assert refined["identification"]["rank"]["1"] == 1.0
         assert refined["verification"]["tar_at_far"]["1e-06"] == 1.0
-        assert refined["distractors"] == 29 and refined["probes"] == probes_left
-        assert refined["noise"] == {"policy": policy, "facescrub_listed_in_set": 1, "distractors_removed": 1}
+        assert refined["distractors"] == 30 and refined["distractors_out_of_reach"] == 1
+        assert refined["probes"] == probes_left and refined["verification"]["negative_pairs"] == probes_left * 30
+        assert refined["noise"] == {"policy": policy, "facescrub_listed_in_set": 1, "distractors_listed_in_set": 1}
+        ranks, tars = devkit_brute_force(probes, data.probe_identities, distractors, (1, 5, 10), fars, probe_noisy,
+                                         distractor_noisy, policy)
+        assert refined["identification"]["rank"] == pytest.approx(ranks)
+        assert list(refined["verification"]["tar_at_far"].values()) == pytest.approx(tars)
     saved = json.loads((out / "eval_megaface.json").read_text())
     assert saved["kind"] == "megaface" and saved["identification"]["rank"]["1"] == 1.0
     assert (out / "eval_megaface.csv").read_text().startswith("method,distractors,rank-1")
