@@ -3,6 +3,7 @@ the published numbers.
 
     python -m eval.tables runs/cosface_casia runs/unitsface_casia --layout unitsface-table5
     python -m eval.tables ours=runs/a/checkpoints/epoch_0027 --layout ijbc --far-rule insightface
+    python -m eval.tables uss=runs/u --layout unitsface-table5 --compare uss="CosFace+USS"   # + a row ours − paper
 
 Each run argument is a folder holding eval results (the ``eval_*.json`` files the eval commands write next to a
 checkpoint, and the JSON of ``python -m eval.verification --json``), or one such JSON file; ``NAME=PATH`` names the
@@ -32,6 +33,7 @@ __all__ = [
     "load_run",
     "metric_value",
     "paper_table",
+    "published_row",
     "main",
 ]
 
@@ -243,12 +245,45 @@ def _fmt(value: float | None) -> str:
     return MISSING if value is None else f"{value:.2f}"
 
 
-def paper_table(layout: Layout, runs: Sequence[RunResults], far_rule: str = "le") -> tuple[list[str], list[list[str]]]:
-    """Header and rows: the published rows first, then one row per run (our numbers)."""
+def _fmt_diff(ours: float | None, paper: float | None) -> str:
+    return MISSING if ours is None or paper is None else f"{ours - paper:+.2f}"
+
+
+def published_row(layout: Layout, spec: str) -> int:
+    """Index of the published row ``spec`` names: its number (1 = the first) or a unique, case-insensitive part of
+    its method name. SystemExit listing the rows when it names none or several."""
+    listing = "; ".join(f"{i + 1} = {method}" for i, (method, _, _) in enumerate(layout.published))
+    if spec.strip().isdigit():
+        index = int(spec) - 1
+        if 0 <= index < len(layout.published):
+            return index
+        raise SystemExit(f"error: --compare row {spec}: this layout has rows 1..{len(layout.published)} ({listing})")
+    hits = [i for i, (method, _, _) in enumerate(layout.published) if spec.lower() in method.lower()]
+    if len(hits) != 1:
+        which = "no" if not hits else f"{len(hits)}"
+        raise SystemExit(f"error: --compare row {spec!r} matches {which} published rows; give its number or a "
+                         f"unique part of its name ({listing})")
+    return hits[0]
+
+
+def paper_table(
+    layout: Layout, runs: Sequence[RunResults], far_rule: str = "le", compare: dict[str, str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: the published rows first, then one row per run (our numbers), each followed — when
+    ``compare`` maps its label to a published row (see :func:`published_row`) — by the difference ours − paper."""
     header = ["method", "source"] + [title for title, _ in layout.columns]
     rows = [[method, source] + [_fmt(v) for v in values] for method, source, values in layout.published]
+    compare = dict(compare or {})
+    unknown = sorted(set(compare) - {run.label for run in runs})
+    if unknown:
+        raise SystemExit(f"error: --compare {unknown[0]}=...: no run is labelled {unknown[0]!r} "
+                         f"(runs: {', '.join(run.label for run in runs) or 'none'})")
     for run in runs:
-        rows.append([run.label, "ours"] + [_fmt(metric_value(run, metric, far_rule)) for _, metric in layout.columns])
+        ours = [metric_value(run, metric, far_rule) for _, metric in layout.columns]
+        rows.append([run.label, "ours"] + [_fmt(v) for v in ours])
+        if run.label in compare:
+            method, _, paper = layout.published[published_row(layout, compare[run.label])]
+            rows.append([f"Δ {run.label} − {method}", "ours − paper"] + [_fmt_diff(o, v) for o, v in zip(ours, paper)])
     return header, rows
 
 
@@ -261,18 +296,28 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]
     parser.add_argument("--layout", choices=sorted(LAYOUTS), default="unitsface-table5")
     parser.add_argument("--far-rule", choices=("le", "insightface"), default="le",
                         help="which TAR@FAR of the IJB results to show (see eval.roc)")
+    parser.add_argument("--compare", action="append", default=[], metavar="RUN=ROW",
+                        help="also print the difference ours − paper of run RUN (its label) against published row "
+                             "ROW (its number, 1 = first, or a unique part of its method name); repeatable")
     parser.add_argument("--out", default=".", help="folder for paper_table_<layout>.csv/.json (default: .)")
     args = parser.parse_args(argv)
 
     layout = LAYOUTS[args.layout]
     runs = [load_run(spec) for spec in args.runs]
-    header, rows = paper_table(layout, runs, args.far_rule)
+    compare = {}
+    for item in args.compare:
+        label, sep, row = item.partition("=")
+        if not sep or not label or not row:
+            raise SystemExit(f"error: --compare {item!r}: expected RUN=ROW, e.g. ours=2 or ours=\"CosFace (R50\"")
+        compare[label] = row
+    header, rows = paper_table(layout, runs, args.far_rule, compare)
     print(format_table(header, rows, layout.title))
     for note in layout.notes:
         print(f"note: {note}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {"layout": args.layout, "title": layout.title, "far_rule": args.far_rule, "header": header, "rows": rows,
+    data = {"layout": args.layout, "title": layout.title, "far_rule": args.far_rule, "compare": compare,
+            "header": header, "rows": rows,
             "notes": list(layout.notes), "sources": {run.label: run.sources for run in runs}}
     json_path, csv_path = write_results(out_dir, f"paper_table_{args.layout}", data, header, rows)
     print(f"table written to {csv_path} and {json_path}")

@@ -97,3 +97,39 @@ def test_write_results_and_output_dir(tmp_path):
     assert tables.output_dir_for(weights, tmp_path / "elsewhere").is_dir()
     json_path, csv_path = tables.write_results(tmp_path, "x", {"a": 1}, ["h1", "h2"], [[1, "b"]])
     assert json.loads(json_path.read_text()) == {"a": 1} and csv_path.read_text().splitlines() == ["h1,h2", "1,b"]
+
+
+def test_compare_prints_ours_minus_the_paper(tmp_path, capsys):
+    run = write_run(tmp_path / "uss", ijb=ijb_json(0.9012, 0.8100),
+                    verification={"lfw": 0.9950, "cfp_fp": 0.9700})
+    header, rows = tables.main([f"uss={run}", "--layout", "unitsface-table5", "--compare", "uss=CosFace+USS",
+                                "--out", str(tmp_path / "t")])
+    printed = capsys.readouterr().out
+    # published: UniTSFace = CosFace+USS (R50, CASIA) 50.28 | 89.84 | 82.64 | 99.41 | 97.35 | 95.13
+    assert rows[-2] == ["uss", "ours", "—", "90.12", "81.00", "99.50", "97.00", "—"]
+    assert rows[-1] == ["Δ uss − UniTSFace = CosFace+USS (R50, CASIA)", "ours − paper",
+                        "—", "+0.28", "-1.64", "+0.09", "-0.35", "—"]
+    assert "Δ uss − UniTSFace = CosFace+USS (R50, CASIA)" in printed
+    saved = json.loads((tmp_path / "t" / "paper_table_unitsface-table5.json").read_text())
+    assert saved["compare"] == {"uss": "CosFace+USS"} and saved["rows"][-1] == rows[-1]
+    # a row number works too; a run without --compare gets no difference row
+    other = write_run(tmp_path / "other", ijb=ijb_json(0.5, 0.1))
+    _, rows = tables.paper_table(tables.LAYOUTS["ijbc"], [tables.load_run(str(run)), tables.load_run(str(other))],
+                                 compare={"other": "7"})
+    assert rows[-3][0] == "uss" and rows[-2][0] == "other"
+    assert rows[-1] == ["Δ other − ArcFace (R100, MS1MV3)", "ours − paper", "—", "-85.02", "-46.85"]
+
+
+def test_compare_errors_name_the_rows(tmp_path):
+    run = write_run(tmp_path / "a", ijb=ijb_json(0.9, 0.8))
+    layout = tables.LAYOUTS["unitsface-table5"]
+    with pytest.raises(SystemExit, match=r"matches 5 published rows; .*1 = ArcFace \(R50, CASIA\); 2 = CosFace"):
+        tables.paper_table(layout, [tables.load_run(str(run))], compare={"a": "R"})
+    with pytest.raises(SystemExit, match=r"matches no published rows"):
+        tables.paper_table(layout, [tables.load_run(str(run))], compare={"a": "SphereFace"})
+    with pytest.raises(SystemExit, match=r"this layout has rows 1..5"):
+        tables.paper_table(layout, [tables.load_run(str(run))], compare={"a": "9"})
+    with pytest.raises(SystemExit, match=r"no run is labelled 'b'"):
+        tables.paper_table(layout, [tables.load_run(str(run))], compare={"b": "1"})
+    with pytest.raises(SystemExit, match=r"expected RUN=ROW"):
+        tables.main([str(run), "--compare", "a", "--out", str(tmp_path)])
