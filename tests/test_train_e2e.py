@@ -1,5 +1,6 @@
-"""End to end through the real entry points: ./run.sh -> deepspeed launcher -> 2 gloo ranks -> checkpoints ->
-resume (exact, mid-epoch) -> resume on 1 rank (resharded head) -> eval CLI on the checkpoint."""
+"""End to end through the real entry points: ./run.sh -> launcher -> 2 gloo ranks -> checkpoints (periodic and
+epoch ends) -> resume (exact, mid-epoch) -> resume on 1 rank (resharded head) -> eval CLI on the checkpoint; the
+DeepSpeed launcher and srun paths."""
 import json
 import math
 import os
@@ -58,11 +59,13 @@ def backbone_of(ckpt: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_train_resume_reshard_eval(data_dir, tmp_path):
-    common = ["configs/base.yaml", *TINY, f"data.root={data_dir}", f"data.val_root={data_dir}"]
+    common = ["configs/base.yaml", *TINY, f"data.root={data_dir}", f"data.val_root={data_dir}", "head.loss=unitsface",
+              "head.s2s_start_epoch=1"]
     # 72 images / (2 ranks x 8) = 4 steps per epoch.
     straight = tmp_path / "straight"
-    p = run([*common, f"output={straight}", "train.epochs=2", "train.eval_before=true"])
-    assert "rank 0/2 via deepspeed on cpu" in p.stdout
+    p = run([*common, f"output={straight}", "train.epochs=2", "train.eval_before=true",
+             "train.checkpoint_every_steps=3"])
+    assert "rank 0/2 via facetrain on cpu" in p.stdout
     assert "held-out verification" in p.stdout and "before training acc %" in p.stdout
     log = (straight / "train.log").read_text()
     assert "step 8/8" in log and "samples/s" in log and "ETA" in log
@@ -72,32 +75,40 @@ def test_train_resume_reshard_eval(data_dir, tmp_path):
         assert (ckpts / "epoch_0002" / name).is_file(), name
     assert not list(ckpts.glob(".tmp-*"))
 
-    # Interrupted mid-epoch (after 6 of 8 steps), then resumed: bit-identical to the straight run.
+    # A periodic step checkpoint (every 3 steps, mid-epoch) continues bit-identically to the straight run: backbone,
+    # head centres and momentum, the class memory, and the backbone optimizer's momentum.
     resumed = tmp_path / "resumed"
-    run([*common, f"output={resumed}", "train.epochs=2", "train.max_steps=6"])
-    meta = json.loads((resumed / "checkpoints" / "step_0000006" / "meta.json").read_text())
-    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (1, 2, 6)
-    p = run([*common, f"output={resumed}", "train.epochs=2", "train.resume=auto"])
-    assert "at epoch 1, step 6" in (resumed / "train.log").read_text()
+    meta = json.loads((ckpts / "step_0000003" / "meta.json").read_text())
+    assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (0, 3, 3)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_0001", "epoch_0002", "latest", "step_0000003",
+                                                       "step_0000006"]
+    run([*common, f"output={resumed}", "train.epochs=2", f"train.resume={ckpts / 'step_0000003'}"])
+    assert "at epoch 0, step 3" in (resumed / "train.log").read_text()
     a, b = backbone_of(ckpts / "epoch_0002"), backbone_of(resumed / "checkpoints" / "epoch_0002")
     for k in a:
         # Parameters are bit-identical. BatchNorm running statistics are averaged over ranks at every checkpoint
-        # (linear, so equal in exact arithmetic); the extra average at step 6 changes only their rounding.
+        # (linear, so equal in exact arithmetic); the extra average at step 3 changes only their rounding.
         exact = not (k.endswith("running_mean") or k.endswith("running_var"))
         torch.testing.assert_close(b[k], a[k], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-7, msg=k)
-    heads_a = [torch.load(ckpts / "epoch_0002" / "head" / f"rank_00{r}_of_002.pt", weights_only=False)["head"]
-               for r in range(2)]
-    heads_b = [torch.load(resumed / "checkpoints" / "epoch_0002" / "head" / f"rank_00{r}_of_002.pt",
-                          weights_only=False)["head"] for r in range(2)]
-    for ha, hb in zip(heads_a, heads_b):
-        torch.testing.assert_close(hb["weight"], ha["weight"], rtol=0, atol=0)
+    for r in range(2):
+        ha, hb = (torch.load(c / "epoch_0002" / "head" / f"rank_00{r}_of_002.pt", weights_only=True)
+                  for c in (ckpts, resumed / "checkpoints"))
+        assert ha["head"].keys() == hb["head"].keys() and "s2s.memory.features" in ha["head"]
+        for k, v in ha["head"].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(hb["head"][k], v), f"rank {r}: head {k}"
+    oa, ob = (torch.load(c / "epoch_0002" / "mp_rank_00_model_states.pt", weights_only=True)["optimizer"]["state"]
+              for c in (ckpts, resumed / "checkpoints"))
+    assert oa.keys() == ob.keys() and len(oa) > 0
+    for k in oa:
+        assert torch.equal(ob[k]["momentum_buffer"], oa[k]["momentum_buffer"]), f"backbone momentum {k}"
 
     # The same checkpoint continues on ONE rank: the head's class shards are re-cut; 72 / 8 = 9 steps per epoch now.
     run([*common, f"output={straight}", "train.epochs=3", "train.resume=auto"], nproc=1)
     log = (straight / "train.log").read_text()
     assert "head resharded from 2 to 1 ranks" in log and "at epoch 2, step 18" in log and "step 27/27" in log
-    one = torch.load(ckpts / "epoch_0003" / "head" / "rank_000_of_001.pt", weights_only=False)["head"]
-    assert one["weight"].shape[0] == 12
+    one = torch.load(ckpts / "epoch_0003" / "head" / "rank_000_of_001.pt", weights_only=True)["head"]
+    assert one["s2c.weight"].shape[0] == 12 and one["s2s.memory.features"].shape[0] == 12
 
     # Eval CLI on our checkpoint folder.
     p = run(["eval", "verification", "--weights", str(ckpts / "epoch_0003"), "--bins", str(data_dir), "--no-progress",
@@ -215,5 +226,5 @@ def test_every_loss_family_trains_through_the_trainer(data_dir, tmp_path, loss):
     for r in range(2):
         head = heads.build_head(head_config(cfg), num_classes=12, embedding_size=32,
                                 partition=ClassPartition(12, 2, r), seed=cfg["seed"])
-        saved = torch.load(out / "checkpoints" / "epoch_0002" / "head" / f"rank_00{r}_of_002.pt", weights_only=False)
+        saved = torch.load(out / "checkpoints" / "epoch_0002" / "head" / f"rank_00{r}_of_002.pt", weights_only=True)
         head.load_state_dict(saved["head"])
