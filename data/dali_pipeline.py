@@ -7,6 +7,7 @@ Per sample::
     (optional)     arcface_augment(rgb)                                                    arcface_torch's dali_aug
     x float32    = (rgb - 127.5) / 127.5, mirrored with probability 1/2, CHW             = (rgb/255 - 0.5)/0.5
     y int64      = int64(label[0])                                                          the reader gives float32
+    where uint8  = the reader's source info "<rec> at index <byte offset>", zero-padded      -> batch_keys()
 
 Pipelines without a GPU pass ``device_id=None``. The reader serves every key of its index, so it gets the
 images-only index of :func:`data.rec_index.prepare_rec` (the InsightFace header and identity-range records are not
@@ -30,9 +31,15 @@ records can come twice and as many not at all (the torch loader draws an exact p
 Mid-epoch resume (``set_start_step(k)``) replays the epoch's first k batches without handing them out: the
 shuffle buffer and the flips depend on everything read before, so replaying is the exact way; it costs k batches
 of pipeline time (no training).
+
+Damaged images. DALI's decoder cannot skip a sample: an image that does not decode stops the run with a
+:class:`RecordIOError` naming the rec (and the record, when DALI's message gives its byte offset), pointing to
+``python -m data.tools.inspect ROOT --decode`` and to the torch reader (``data.loader=torch``), which replaces up to
+``data.max_bad_images`` damaged images by the next decodable one.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Iterator
 
@@ -45,6 +52,7 @@ from data.rec_index import PreparedRec, looks_grouped, same_label_neighbours
 from data.recordio import RecordIOError
 
 READER_NAME = "Reader"
+_AT_OFFSET = re.compile(rb" at index (\d+)$")  # fn.readers.mxnet's source info: "<rec path> at index <byte offset>"
 
 
 def arcface_augment(images, height: int, width: int, gpu: bool):
@@ -77,7 +85,9 @@ def arcface_augment(images, height: int, width: int, gpu: bool):
 def build_pipeline(prepared: PreparedRec, batch_size: int, shard_id: int, num_shards: int, seed: int,
                    device_id: int | None, num_threads: int = 2, flip: bool = True, augment: bool = False,
                    shuffle: bool = True, shuffle_buffer: int = 32768, prefetch: int = 2):
-    """A built DALI pipeline with outputs (images float32 [B,3,H,W], labels int64 [B]); GPU when device_id is set."""
+    """A built DALI pipeline with outputs (images float32 [B,3,H,W], labels int64 [B], where uint8 [B, L]); images
+    and labels on the GPU when device_id is set. ``where`` is each sample's source info ("<rec> at index <byte
+    offset>", zero-padded, on the CPU): :func:`keys_of` turns it into record keys."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali.pipeline import Pipeline
@@ -91,6 +101,7 @@ def build_pipeline(prepared: PreparedRec, batch_size: int, shard_id: int, num_sh
                                          shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle,
                                          initial_fill=max(1, shuffle_buffer), stick_to_shard=True,
                                          pad_last_batch=False, seed=seed, name=READER_NAME)
+        where = fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)  # uint8 [B, longest]
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
         if augment:
             images = arcface_augment(images, height, width, gpu)
@@ -98,9 +109,25 @@ def build_pipeline(prepared: PreparedRec, batch_size: int, shard_id: int, num_sh
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3,
                                           std=[127.5] * 3, mirror=mirror)
         labels = fn.cast(labels[0], dtype=types.INT64)  # InsightFace: the class is the first label
-        pipe.set_outputs(images, labels.gpu() if gpu else labels)
+        pipe.set_outputs(images, labels.gpu() if gpu else labels, where)
     pipe.build()
     return pipe
+
+
+def keys_of(where: torch.Tensor, prepared: PreparedRec) -> list[int] | None:
+    """Record keys from the pipeline's ``where`` output (uint8 [B, L] source infos); None when one cannot be read."""
+    order = np.argsort(prepared.offsets)  # sorted already (file order); kept general
+    offsets = prepared.offsets[order]
+    keys = []
+    for row in where.cpu().numpy():
+        m = _AT_OFFSET.search(bytes(row).rstrip(b"\0"))
+        if m is None:
+            return None
+        i = int(np.searchsorted(offsets, int(m.group(1))))
+        if i >= offsets.size or int(offsets[i]) != int(m.group(1)):
+            return None
+        keys.append(int(prepared.keys[order[i]]))
+    return keys
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -142,6 +169,7 @@ class DaliTrainData(EpochPosition, TrainData):
         self.shuffle_buffer = max(1, min(shuffle_buffer, smallest_shard))
         self.epoch, self.start_step = 0, 0
         self._pipe = None
+        self._last: tuple[int, int, torch.Tensor] | None = None  # (epoch, step, where) of the batch yielded last
         if shuffle and looks_grouped(prepared.labels):
             warnings.warn(f"{prepared.rec_path}: {same_label_neighbours(prepared.labels):.0%} of neighbouring records "
                           f"share a label (stored identity by identity); DALI shuffles only within "
@@ -164,18 +192,30 @@ class DaliTrainData(EpochPosition, TrainData):
             self._pipe = build_pipeline(self.prepared, self.batch_size, self.shard_of(epoch), self.world_size,
                                         epoch_seed(self.seed, epoch, self.rank), self.device_id, self.num_threads,
                                         self.flip, self.augment, self.shuffle, self.shuffle_buffer, self.prefetch)
-            batches = DALIGenericIterator([self._pipe], ["images", "labels"], size=-1)
+            batches = DALIGenericIterator([self._pipe], ["images", "labels", "where"], size=-1)
             for step in range(self.steps_per_epoch):
                 out = next(batches)[0]
                 if step < self.start_step:
                     continue  # replay of a resumed epoch
                 images, labels = out["images"], out["labels"]
                 self._check_shape(images, epoch, step)
+                self._last = (epoch, step, out["where"].clone())  # tiny; the iterator may reuse its buffers
                 yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         except RuntimeError as e:
             raise self._explain(e, epoch, step) from None
         finally:
             self.close()
+
+    def batch_keys(self) -> list[int] | str:
+        """The record keys of the batch yielded last, from DALI's source info (the byte offset of each sample);
+        where that cannot be read, a string naming the epoch, step and shard instead. [] before the first batch."""
+        if self._last is None:
+            return []
+        epoch, step, where = self._last
+        keys = keys_of(where, self.prepared)
+        if keys is not None:
+            return keys
+        return f"epoch {epoch}, step {step} of shard {self.shard_of(epoch)}/{self.world_size}"
 
     def _check_shape(self, images: torch.Tensor, epoch: int, step: int) -> None:
         want = (self.batch_size, 3, *self.prepared.image_size)
@@ -185,19 +225,28 @@ class DaliTrainData(EpochPosition, TrainData):
                                 f"`python -m data.tools.inspect {self.prepared.root} --decode` to find the image")
 
     def _explain(self, error: RuntimeError, epoch: int, step: int) -> RecordIOError:
-        """A DALI failure as an error naming the file, the shard being read and DALI's reason.
-
-        DALI's decoder errors do not say which sample failed; ``data.tools.inspect --decode`` lists them."""
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        """A DALI failure as an error naming the file, the record when DALI's message gives its byte offset
+        ("... at index N"; not every decoder error does), the shard being read, DALI's reason and the way out:
+        ``data.tools.inspect --decode`` lists damaged images, the torch reader skips them."""
+        text = str(error)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         reason = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "encountered:"),
                       lines[0] if lines else type(error).__name__)
         shard = self.shard_of(epoch)
         lo, hi = shard_bounds(self.prepared.num_images, shard, self.world_size)
         keys = self.prepared.keys
+        record = ""
+        for m in re.finditer(r" at index (\d+)", text):
+            hit = np.flatnonzero(self.prepared.offsets == int(m.group(1)))
+            if hit.size:
+                record = f"key {int(keys[hit[0]])} at offset {int(m.group(1))}: "
+                break
         return RecordIOError(f"{self.prepared.rec_path}: DALI pipeline failed at epoch {epoch} step {step} reading "
-                             f"shard {shard} (keys {int(keys[lo])}..{int(keys[hi - 1])} in file order): {reason}; "
-                             f"run `python -m data.tools.inspect {self.prepared.root} --decode` to list damaged "
-                             f"records")
+                             f"shard {shard} (keys {int(keys[lo])}..{int(keys[hi - 1])} in file order): {record}"
+                             f"{reason}. DALI cannot skip a damaged image: run `python -m data.tools.inspect "
+                             f"{self.prepared.root} --decode` to list damaged records, and repair the set or train "
+                             f"with data.loader=torch, which replaces up to data.max_bad_images damaged images by "
+                             f"the next decodable one")
 
     def close(self) -> None:
         pipe, self._pipe = self._pipe, None

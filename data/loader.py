@@ -5,7 +5,7 @@
         data.set_epoch(epoch)
         data.set_start_step(k)              # only when resuming mid-epoch
         for images, labels in data:         # float32 [B,3,H,W] in [-1,1] and int64 [B], both on `device`
-            ...
+            ...                             # data.batch_keys(): record keys of this batch (e.g. for a NaN report)
     data.close()
 
 Both kinds give every rank ``steps_per_epoch = num_images // (world_size * batch_size)`` full batches per epoch, so
@@ -14,7 +14,8 @@ the result cached, see :mod:`data.rec_index`): a truncated file, a wrong magic w
 non-image payload or a label outside ``property``'s num_classes fails here, naming the file and the record.
 
 ``torch`` decodes with PIL in DataLoader workers (:mod:`data.dataset`): an exact, permutation-per-epoch order and
-exact mid-epoch resume. ``dali`` reads with DALI's ``fn.readers.mxnet`` and decodes on the GPU when ``device`` is a
+exact mid-epoch resume; a damaged image is replaced by the next decodable one (up to ``max_bad_images`` per run and
+rank) and the workers leave job signals (SIGTERM, SIGUSR1) to their rank. ``dali`` reads with DALI's ``fn.readers.mxnet`` and decodes on the GPU when ``device`` is a
 CUDA device, on the CPU otherwise (:mod:`data.dali_pipeline`).
 """
 from __future__ import annotations
@@ -67,6 +68,11 @@ class TrainData(abc.ABC):
     def close(self) -> None:
         """Stop workers / pipelines and release their memory. Idempotent."""
 
+    def batch_keys(self) -> list[int] | str:
+        """The record keys (train.idx) of the batch this rank yielded last, in batch order; [] before the first
+        batch. A reader that cannot know them returns a string saying where it was instead."""
+        return "record keys not available from this reader"
+
     def __enter__(self) -> TrainData:
         return self
 
@@ -91,7 +97,7 @@ class TorchTrainData(TrainData):
     """:func:`data.dataset.build_train_loader` behind the :class:`TrainData` interface."""
 
     def __init__(self, prepared: PreparedRec, batch_size: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, num_workers: int = 2, flip: bool = True) -> None:
+                 device: torch.device, num_workers: int = 2, flip: bool = True, max_bad_images: int = 100) -> None:
         from data.dataset import build_train_loader
 
         self.prepared = prepared
@@ -99,8 +105,10 @@ class TorchTrainData(TrainData):
         self.steps_per_epoch = check_batch_args(prepared.num_images, batch_size, rank, world_size)
         self.device = torch.device(device)
         self.loader, self.sampler, self.dataset = build_train_loader(
-            prepared.root, batch_size, rank, world_size, seed, num_workers=num_workers, flip=flip)
+            prepared.root, batch_size, rank, world_size, seed, num_workers=num_workers, flip=flip,
+            max_bad_images=max_bad_images)
         assert self.sampler.steps_per_epoch == self.steps_per_epoch
+        self._last: tuple[int, int] | None = None  # (epoch, step) of the batch yielded last
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -113,8 +121,19 @@ class TorchTrainData(TrainData):
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, step = self.sampler.epoch, self.sampler.start_step
         for images, labels in self.loader:
+            self._last = (epoch, step)
+            step += 1
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def batch_keys(self) -> list[int]:
+        """Exact: the sampler's indices of the last batch, each replaced as the reader replaced a damaged image."""
+        if self._last is None:
+            return []
+        indices = self.sampler.batch(*self._last)
+        keys = self.dataset.rec.image_keys
+        return [int(keys[self.dataset.source_index(i)]) for i in indices]
 
     def close(self) -> None:
         # Persistent workers live in the DataLoader's cached iterator; torch exposes no public shutdown.
@@ -144,10 +163,14 @@ def resolve_kind(kind: str, device: torch.device) -> str:
 
 def build_loader(kind: str, root: str | os.PathLike, batch_size: int, rank: int, world_size: int, seed: int,
                  device: torch.device, num_workers: int = 2, flip: bool = True, *, augment: bool = False,
-                 cache_dir: str | os.PathLike | None = None, progress: bool = False, **dali_options) -> TrainData:
+                 cache_dir: str | os.PathLike | None = None, progress: bool = False, max_bad_images: int = 100,
+                 **dali_options) -> TrainData:
     """Check ``root`` (once, cached in ``cache_dir``) and open it with the ``kind`` reader for this rank.
 
     ``kind``: ``dali``, ``torch`` or ``auto`` (:func:`resolve_kind`: DALI on a GPU, the torch reader otherwise).
+    ``max_bad_images`` (torch reader; ``data.max_bad_images``): damaged images replaced by the next decodable one
+    before the run stops (0: stop at the first). DALI cannot skip an image: a damaged one stops the run with an
+    error that says so. Rank 0 logs the warnings of the up-front check (e.g. classes without images).
     ``augment`` (dali only) adds arcface_torch's DALI augmentation (see :func:`data.dali_pipeline.arcface_augment`);
     ``dali_options`` go to :class:`data.dali_pipeline.DaliTrainData` (``shuffle``, ``shuffle_buffer``,
     ``prefetch``).
@@ -156,9 +179,10 @@ def build_loader(kind: str, root: str | os.PathLike, batch_size: int, rank: int,
     if kind == "torch" and (augment or dali_options):
         extra = ["augment"] * augment + sorted(dali_options)
         raise ValueError(f"{', '.join(extra)}: only available with the dali loader (kind='dali')")
-    prepared = prepare_rec(root, cache_dir=cache_dir, progress=progress)
+    prepared = prepare_rec(root, cache_dir=cache_dir, progress=progress, warn=rank == 0)
     if kind == "torch":
-        return TorchTrainData(prepared, batch_size, rank, world_size, seed, device, num_workers, flip)
+        return TorchTrainData(prepared, batch_size, rank, world_size, seed, device, num_workers, flip,
+                              max_bad_images=max_bad_images)
     from data.dali_pipeline import DaliTrainData  # DALI is needed only here
 
     return DaliTrainData(prepared, batch_size, rank, world_size, seed, device, num_workers, flip, augment=augment,

@@ -16,7 +16,9 @@ training starts.
 :func:`prepare_rec` runs the scan once per version of the files and caches, keyed by the files' size and mtime:
 ``images.idx`` (``key\\toffset`` of the image records only, file order: what ``fn.readers.mxnet`` needs, since it
 serves every key of an index and the InsightFace header / identity-range records are not images) and the labels.
-The user's files are never written. Concurrent ranks share the cache through a file lock.
+The user's files are never written. Concurrent ranks share the cache through a file lock. It also counts the
+classes the labels use: when ``property`` names more classes than that (a num_classes above max label + 1, or
+identities without an image), a warning says so, since the head allocates centres that never see a positive.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ import numpy as np
 from data.recordio import MAGIC, InsightFaceRec, RecordIOError, encode_record, image_format, unpack
 
 SCAN_VERSION = 1
+log = logging.getLogger("facetrain")
 _LEN_BITS = 29
 _LEN_MASK = (1 << _LEN_BITS) - 1
 _HEAD = 8 + 24  # part header + IRHeader
@@ -255,10 +259,17 @@ class PreparedRec:
     labels: np.ndarray
     num_classes: int
     image_size: tuple[int, int]  # (height, width)
+    classes_used: int = 0  # distinct labels among the images
+    max_label: int = -1
 
     @property
     def num_images(self) -> int:
         return int(self.keys.size)
+
+    @property
+    def classes_without_images(self) -> int:
+        """Classes of 0..num_classes-1 that no image carries (their head centres never see a positive)."""
+        return self.num_classes - self.classes_used
 
 
 def default_cache_dir() -> Path:
@@ -303,11 +314,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def prepare_rec(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                progress: bool = False) -> PreparedRec:
+                progress: bool = False, warn: bool = True) -> PreparedRec:
     """Check ``root/{train.rec, train.idx, property}`` (cached per file version) and return the checked view.
 
     Raises :class:`RecordIOError` naming the file and record for a damaged set (see :func:`scan_images`), or when
-    the first image's decoded size disagrees with ``property``.
+    the first image's decoded size disagrees with ``property``. With ``warn``, logs (``facetrain`` logger) when
+    classes have no image (:func:`unused_classes_warning`).
     """
     rec = InsightFaceRec(root)
     if len(rec) == 0:
@@ -336,8 +348,33 @@ def prepare_rec(root: str | os.PathLike, cache_dir: str | os.PathLike | None = N
     labels = arrays["labels"]
     num_classes = rec.property[0] if rec.property else int(labels.max()) + 1
     image_size = _checked_image_size(rec)
-    return PreparedRec(root=rec.root, rec_path=Path(rec.reader.rec_path), image_index=index_file, keys=arrays["keys"],
-                       offsets=arrays["offsets"], labels=labels, num_classes=num_classes, image_size=image_size)
+    prepared = PreparedRec(root=rec.root, rec_path=Path(rec.reader.rec_path), image_index=index_file,
+                           keys=arrays["keys"], offsets=arrays["offsets"], labels=labels, num_classes=num_classes,
+                           image_size=image_size, classes_used=int(np.count_nonzero(np.bincount(labels))),
+                           max_label=int(labels.max()))
+    message = unused_classes_warning(prepared, rec.root / "property" if rec.property else None)
+    if warn and message:
+        log.warning(message)
+    return prepared
+
+
+def unused_classes_warning(prepared: PreparedRec, property_path: Path | None) -> str | None:
+    """The warning for classes without images (None when every class has one): names the file that sets
+    num_classes, the counts, and what it costs."""
+    if prepared.classes_without_images <= 0:
+        return None
+    c, used, top = prepared.num_classes, prepared.classes_used, prepared.max_label
+    source = f"{property_path} says num_classes={c}" if property_path else \
+        f"{prepared.rec_path} (no property file) has labels up to {top}, so num_classes={c}"
+    if property_path and c > top + 1:
+        fix = f"if the labels are right, set num_classes to {top + 1} in {property_path.name}"
+        if used < top + 1:
+            fix += f" ({top + 1 - used} labels below {top} are still unused: relabel the identities 0..{used - 1})"
+    else:
+        fix = f"relabel the identities 0..{used - 1} (data.tools.pack numbers them without gaps)"
+    return (f"{source}, but the images use {used} distinct labels, the largest {top}: {c - used} classes have no "
+            f"image, so the head allocates {c - used} class centres that never see a positive (they only act as "
+            f"negatives and take memory); {fix}")
 
 
 def _load_scan(path: Path, fingerprint: dict) -> dict | None:

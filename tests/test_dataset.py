@@ -194,9 +194,11 @@ def test_loader_resumes_mid_epoch(rec_root):
 def test_decoded_size_mismatch_names_the_record(tmp_path):
     samples = [(0, encode(picture(0, 0))), (1, encode(picture(1, 0, size=(H, W + 2))))]
     write_insightface_rec(tmp_path, samples, num_classes=2, image_size=(H, W))
-    ds = RecordDataset(InsightFaceRec(tmp_path), flip=True, seed=0)
+    ds = RecordDataset(InsightFaceRec(tmp_path), flip=True, seed=0, max_bad_images=0)
     ds[0]
-    with pytest.raises(RecordIOError, match=rf"train\.rec: key 2: image is {H}x{W + 2} \(HxW\), expected {H}x{W}"):
+    with pytest.raises(RecordIOError, match=rf"train\.rec: 1 damaged images met, more than data.max_bad_images=0; "
+                                            rf"the last: key 2 at offset \d+: image is {H}x{W + 2} \(HxW\), "
+                                            rf"expected {H}x{W} from .*property"):
         ds[1]
 
 
@@ -204,9 +206,9 @@ def test_undecodable_image_names_the_record(tmp_path):
     good = encode(picture(0, 0), "JPEG")
     broken = good[:3] + b"\x00" * 40  # a JPEG signature and nothing sensible after it
     write_insightface_rec(tmp_path, [(0, good), (0, broken)], num_classes=1, image_size=(H, W))
-    ds = RecordDataset(InsightFaceRec(tmp_path), flip=False, seed=0)
+    ds = RecordDataset(InsightFaceRec(tmp_path), flip=False, seed=0, max_bad_images=0)
     assert ds[0][0].shape == (3, H, W)
-    with pytest.raises(RecordIOError, match=r"train\.rec: key 2: image cannot be decoded"):
+    with pytest.raises(RecordIOError, match=r"train\.rec: .*the last: key 2 at offset \d+: image cannot be decoded"):
         ds[1]
 
 

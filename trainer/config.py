@@ -185,6 +185,7 @@ def _check_values(cfg: dict) -> None:
          "must be auto, fp32 or bf16 (fp16 is refused: see README, Precision)")
     need(d["loader"] in ("auto", "torch", "dali"), "data.loader", "must be auto, torch or dali")
     need(d["num_workers"] >= 0, "data.num_workers", "must be >= 0")
+    need(d["max_bad_images"] >= 0, "data.max_bad_images", "must be >= 0 (0 = stop at the first damaged image)")
     need(d["root"] is not None, "data.root", "is required: a folder holding train.rec, train.idx and property")
     need(cfg["schedule"]["type"] in ("poly", "step"), "schedule.type", "must be poly or step")
     need(cfg["schedule"]["warmup_epochs"] >= 0, "schedule.warmup_epochs", "must be >= 0")
