@@ -90,3 +90,12 @@ def test_strings_that_are_not_numbers_stay_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"`optim.lr`: must be > 0"):
         load_config(None, ["data.root=x", "optim.lr=-1e-3"])
     assert load_config(None, ["data.root=1e-3", "model.name=1e-3"])["model"]["name"] == "1e-3"  # str keys stay str
+
+
+def test_max_bad_images():
+    assert load_config(None, ["data.root=x"])["data"]["max_bad_images"] == 100
+    assert load_config(None, ["data.root=x", "data.max_bad_images=0"])["data"]["max_bad_images"] == 0
+    with pytest.raises(ConfigError, match=r"`data.max_bad_images`: must be >= 0 \(0 = stop at the first damaged"):
+        load_config(None, ["data.root=x", "data.max_bad_images=-1"])
+    with pytest.raises(ConfigError, match=r"`data.max_bad_images`: expected int, got 'many'"):
+        load_config(None, ["data.root=x", "data.max_bad_images=many"])

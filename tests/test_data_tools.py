@@ -164,6 +164,7 @@ def test_inspect_reports_a_sound_rec(grouped, capsys):
     assert report["labels"] == {"min": 0, "max": 3, "distinct": 4,
                                 "images_per_identity": {"min": 3, "median": 3.0, "max": 3}}
     assert report["order"].startswith("grouped by identity") and report["undecodable_records"] == 0
+    assert report["classes_without_images"] == 0
     assert inspect_tool.main([str(grouped), "--workers", "0"]) == 0
     assert "OK" in capsys.readouterr().out
     assert inspect_tool.main([str(grouped), "--json", "--decode", "--workers", "2"]) == 0
@@ -233,3 +234,13 @@ def test_tools_on_a_rec_written_by_the_library(tmp_path):
     write_insightface_rec(tmp_path / "r", jpegs, 3, (H, W), with_header=False)
     assert inspect_tool.inspect_rec(tmp_path / "r")["labels"]["max"] == 2
     assert shuffle_rec(tmp_path / "r", tmp_path / "s")["classes"] == 3
+
+
+def test_inspect_counts_the_classes_of_property_without_an_image(grouped, tmp_path, capsys):
+    shutil.copytree(grouped, tmp_path / "more")
+    (tmp_path / "more" / "property").write_text(f"10,{H},{W}")  # the 12 images use labels 0..3
+    report = inspect_tool.inspect_rec(tmp_path / "more")
+    assert report["ok"] and report["classes_without_images"] == 6
+    assert inspect_tool.main([str(tmp_path / "more"), "--workers", "0"]) == 0
+    assert "classes     6 of property's 10 have no image: the head allocates centres for them that never see a " \
+           "positive" in capsys.readouterr().out

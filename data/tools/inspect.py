@@ -3,7 +3,7 @@
     python -m data.tools.inspect ROOT [--decode] [--workers N] [--max-problems 20] [--json]
 
 Reports the layout (InsightFace header or not, images, identity-range records), ``property``, the label range and
-images per identity, and the file order (the fraction of neighbouring records with the same label: near 1 for a
+images per identity, the classes of ``property`` without an image, and the file order (the fraction of neighbouring records with the same label: near 1 for a
 set stored identity by identity, which DALI cannot shuffle well; ~1/num_classes once shuffled). Checks every
 image record's structure (truncation, magic word, overlaps, non-image payloads, labels vs property); with
 ``--decode`` also decodes every image (in worker processes) and checks its size against ``property``.
@@ -116,6 +116,8 @@ def inspect_rec(root: str | os.PathLike, decode: bool = False, workers: int = 0,
         report["labels"] = {"min": int(labels.min()), "max": int(labels.max()), "distinct": int(present.size),
                             "images_per_identity": {"min": int(present.min()), "median": float(np.median(present)),
                                                     "max": int(present.max())}}
+        if rec.property:  # identities without an image: head centres that never see a positive
+            report["classes_without_images"] = rec.property[0] - int(present.size)
         report["same_label_neighbours"] = same_label_neighbours(scan.labels)
         report["order"] = "grouped by identity: shuffle it for DALI (python -m data.tools.shuffle)" \
             if looks_grouped(scan.labels) else "mixed (fine for DALI)"
@@ -141,6 +143,9 @@ def _print_report(r: dict) -> None:
         lab, per = r["labels"], r["labels"]["images_per_identity"]
         print(f"  labels      {lab['min']}..{lab['max']}, {lab['distinct']:,} identities with images, "
               f"{per['min']}/{per['median']:g}/{per['max']} images per identity (min/median/max)")
+        if r.get("classes_without_images"):
+            print(f"  classes     {r['classes_without_images']:,} of property's {prop[0]:,} have no image: the head "
+                  f"allocates centres for them that never see a positive")
         print(f"  order       {r['same_label_neighbours']:.1%} of neighbouring records share a label: {r['order']}")
     print(f"  damaged     {r['damaged_records']:,} records")
     if "undecodable_records" in r:
