@@ -53,3 +53,59 @@ def test_cpu_runs_build_no_deepspeed_op():
     prepare_deepspeed(torch.device("cpu"))
     from deepspeed.comm.torch import build_shm_op
     assert build_shm_op() is None
+
+
+# --- which GPU a rank uses, and what DeepSpeed is told ---------------------------------------------------------------
+@pytest.mark.parametrize("local_rank,count,index", [(0, 8, 0), (3, 8, 3), (3, 1, 0), (5, 4, 1), (0, 1, 0)])
+def test_device_index_is_the_local_rank_among_the_visible_gpus(local_rank, count, index):
+    from trainer.distributed import device_index
+    assert device_index(local_rank, count) == index
+
+
+def test_device_index_errors_name_what_was_expected():
+    from trainer.distributed import device_index
+    with pytest.raises(LaunchError, match="no GPU visible"):
+        device_index(0, 0)
+    with pytest.raises(LaunchError, match="local rank must be >= 0"):
+        device_index(-1, 2)
+
+
+def _srun_task_3_of_4():
+    """srun --ntasks-per-node=4 --gpus-per-task=1: local id 3, and this task sees ONE GPU (its own, as cuda:0)."""
+    return detect({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3", "SLURM_JOB_ID": "7",
+                   "SLURM_JOB_NODELIST": "gpu01", "SLURM_STEP_TASKS_PER_NODE": "4"})
+
+
+def test_pick_device_under_srun_with_one_visible_gpu_per_task(monkeypatch):
+    import torch
+
+    from trainer.distributed import pick_device
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert pick_device(_srun_task_3_of_4()) == torch.device("cuda", 0)
+    assert current == [0]
+
+
+@pytest.mark.parametrize("device,exported", [("cuda:0", "0"), ("cpu", "3")])
+def test_init_exports_the_device_it_uses_as_local_rank(monkeypatch, device, exported):
+    """DeepSpeed opens cuda:LOCAL_RANK: under srun with one GPU per task it must read 0, not the local id 3 ("invalid
+    device ordinal" on every rank but local 0). The launcher's local rank stays in FACETRAIN_LOCAL_RANK."""
+    import os
+
+    import deepspeed
+    import torch
+
+    from trainer import distributed
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "FACETRAIN_LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "unset")  # restored after the test
+    calls = []
+    monkeypatch.setattr(distributed, "prepare_deepspeed", lambda dev: None)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.append((dict(os.environ), kw)))
+    env = _srun_task_3_of_4()
+    distributed.init(env, torch.device(device))
+    (seen, kwargs), = calls
+    assert seen["LOCAL_RANK"] == exported and seen["FACETRAIN_LOCAL_RANK"] == "3"
+    assert (seen["RANK"], seen["WORLD_SIZE"]) == ("3", "4")
+    assert kwargs["dist_backend"] == ("nccl" if device.startswith("cuda") else "gloo")

@@ -102,11 +102,29 @@ def detect(env: Mapping[str, str] | None = None) -> DistEnv:
     return d
 
 
+def device_index(local_rank: int, device_count: int) -> int:
+    """The GPU a rank uses among the ``device_count`` it sees: ``local_rank % device_count``.
+
+    One GPU per rank on a node (deepspeed launcher, torchrun: every rank sees all of the node's GPUs) gives
+    ``local_rank``; ``srun --gpus-per-task=1`` (each task sees ONE GPU, CUDA_VISIBLE_DEVICES set per task) gives 0 on
+    every rank, whatever its local rank.
+    """
+    if device_count < 1:
+        raise LaunchError(f"device_index: no GPU visible (device_count={device_count}); expected at least one")
+    if local_rank < 0:
+        raise LaunchError(f"device_index: local rank must be >= 0, got {local_rank}")
+    return local_rank % device_count
+
+
 def pick_device(d: DistEnv) -> torch.device:
+    """This rank's device: cuda:device_index(local_rank, visible GPUs), made current; cpu without CUDA.
+
+    ``init`` exports the chosen index as LOCAL_RANK, which is what DeepSpeed uses to pick its device.
+    """
     if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        torch.cuda.set_device(d.local_rank % n)
-        return torch.device("cuda", d.local_rank % n)
+        index = device_index(d.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -130,9 +148,17 @@ def prepare_deepspeed(device: torch.device) -> None:
 
 
 def init(d: DistEnv, device: torch.device, timeout_s: int = 1800) -> None:
-    """Start torch.distributed through DeepSpeed's comm layer (so the engine finds it), on nccl or gloo."""
-    for k, v in (("RANK", d.rank), ("WORLD_SIZE", d.world_size), ("LOCAL_RANK", d.local_rank),
-                 ("MASTER_ADDR", d.master_addr), ("MASTER_PORT", d.master_port)):
+    """Start torch.distributed through DeepSpeed's comm layer (so the engine finds it), on nccl or gloo.
+
+    DeepSpeed takes its device from LOCAL_RANK (``cuda:LOCAL_RANK``), so LOCAL_RANK is exported as the index of the
+    device ``pick_device`` chose, not the launcher's local rank: under ``srun`` with one visible GPU per task, local
+    rank 3 uses cuda:0, and cuda:3 would be an invalid device ordinal. The launcher's local rank stays in
+    FACETRAIN_LOCAL_RANK (and in ``d.local_rank``).
+    """
+    local_rank = device.index if device.type == "cuda" and device.index is not None else d.local_rank
+    for k, v in (("RANK", d.rank), ("WORLD_SIZE", d.world_size), ("LOCAL_RANK", local_rank),
+                 ("FACETRAIN_LOCAL_RANK", d.local_rank), ("MASTER_ADDR", d.master_addr),
+                 ("MASTER_PORT", d.master_port)):
         os.environ[k] = str(v)
     backend = "nccl" if device.type == "cuda" else "gloo"
     prepare_deepspeed(device)
