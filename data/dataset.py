@@ -94,7 +94,7 @@ class BadImages:
 
     def __contains__(self, index: int) -> bool:
         n = min(int(self._count), self._positions.numel())
-        return bool((self._positions[:n] == int(index)).any())
+        return n > 0 and bool((self._positions[:n] == int(index)).any())
 
     def add(self, index: int) -> tuple[int, bool]:
         """Count image ``index`` as damaged; (count, whether it was new)."""

@@ -15,8 +15,9 @@ non-image payload or a label outside ``property``'s num_classes fails here, nami
 
 ``torch`` decodes with PIL in DataLoader workers (:mod:`data.dataset`): an exact, permutation-per-epoch order and
 exact mid-epoch resume; a damaged image is replaced by the next decodable one (up to ``max_bad_images`` per run and
-rank) and the workers leave job signals (SIGTERM, SIGUSR1) to their rank. ``dali`` reads with DALI's ``fn.readers.mxnet`` and decodes on the GPU when ``device`` is a
-CUDA device, on the CPU otherwise (:mod:`data.dali_pipeline`).
+rank) and the workers leave job signals (SIGTERM, SIGUSR1) to their rank. ``dali`` reads with DALI's
+``fn.readers.mxnet`` and decodes on the GPU when ``device`` is a CUDA device, on the CPU otherwise
+(:mod:`data.dali_pipeline`); it cannot skip a damaged image.
 """
 from __future__ import annotations
 
