@@ -55,7 +55,8 @@ def ignore_job_signals(worker_id: int | None = None) -> None:
     not enough: the rank's interpreter exit (multiprocessing terminates daemon children, then joins them) would then
     wait forever for a worker that ignores the parent's SIGTERM. So both signals are blocked in this thread (every
     thread the worker starts later inherits the mask) and one daemon thread takes them with ``sigwaitinfo``, which
-    tells who sent them: SIGTERM from the parent -> ``os._exit(0)``; anything else -> nothing.
+    tells who sent them: SIGTERM from the parent -> ``os._exit(0)``; a signal from anyone else is passed on to the
+    rank (a stop request sent to the workers alone still stops the training cleanly: trainer/signals.py).
     """
     if not hasattr(signal, "sigwaitinfo"):  # not Linux: SIGUSR1 at least must not kill the worker
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -70,6 +71,11 @@ def _take_job_signals(parent: int) -> None:
         info = signal.sigwaitinfo(set(JOB_SIGNALS))
         if info.si_signo == signal.SIGTERM and info.si_pid == parent:
             os._exit(0)  # the rank stops its worker (torch's handler does the same)
+        if info.si_pid != parent:
+            try:  # a job signal meant for the training (sent to the workers alone): the rank decides
+                os.kill(parent, info.si_signo)
+            except ProcessLookupError:
+                os._exit(0)
 
 
 class BadImages:

@@ -321,8 +321,12 @@ def send(sig: int, pids: list[int]) -> None:
 
 
 def test_workers_survive_sigterm_and_sigusr1_and_the_epoch_completes(clean, tmp_path):
+    """Signals sent to the workers alone: they survive, and pass them on to their rank (this process here), which
+    decides (the trainer: a checkpoint and a clean stop)."""
     ref = epoch(build_loader("torch", clean, 2, 0, 1, 1, CPU, num_workers=0, cache_dir=tmp_path / "cache"), 0)
     data = build_loader("torch", clean, 2, 0, 1, 1, CPU, num_workers=2, cache_dir=tmp_path / "cache")
+    received: list[str] = []
+    previous = {s: signal.signal(s, lambda n, f: received.append(signal.Signals(n).name)) for s in JOB_SIGNALS}
     try:
         before = {p.pid for p in psutil.Process().children()}
         data.set_epoch(0)
@@ -341,8 +345,11 @@ def test_workers_survive_sigterm_and_sigusr1_and_the_epoch_completes(clean, tmp_
         assert len(got) == len(ref) == N // 2
         assert all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v, _) in zip(got, ref))
         assert len(epoch(data, 1)) == N // 2  # the persistent workers serve the next epoch too
+        assert sorted(set(received)) == ["SIGTERM", "SIGUSR1"]  # passed on to the rank
     finally:
         data.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     assert not any(alive(pid) for pid in workers)
 
 

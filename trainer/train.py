@@ -195,7 +195,7 @@ def _train(cfg: dict, env, device, output: Path, log, watchdog: Watchdog) -> dic
     d, t = cfg["data"], cfg["train"]
     data = build_loader(d["loader"], d["root"], t["batch_size"], env.rank, env.world_size, cfg["seed"], device,
                         num_workers=d["num_workers"], flip=d["flip"], augment=d["augment"],
-                        cache_dir=d["cache_dir"], progress=env.rank == 0)
+                        cache_dir=d["cache_dir"], progress=env.rank == 0, max_bad_images=d["max_bad_images"])
     try:
         return _train_with(cfg, env, device, output, log, data, watchdog)
     finally:
