@@ -1,6 +1,7 @@
 """The training loop: data -> DeepSpeed(backbone) -> sharded head -> backward -> steps -> logs, eval, checkpoints."""
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -148,6 +149,17 @@ def take_lock(lock: RunLock, env, force: bool) -> str | None:
     return warning
 
 
+def write_status(state: str, rank: int) -> None:
+    """For batch scripts: rank 0 writes finished | stopped | failed to $FACETRAIN_STATUS_FILE when it is set
+    (scripts/slurm.sbatch requeues the job when the run stopped on a signal before its end)."""
+    path = os.environ.get("FACETRAIN_STATUS_FILE")
+    if path and rank == 0:
+        try:
+            Path(path).write_text(state + "\n")
+        except OSError:
+            pass
+
+
 def train(cfg: dict) -> dict:
     env = distributed.detect()
     device = distributed.pick_device(env)
@@ -175,7 +187,11 @@ def train(cfg: dict) -> dict:
                             on_beat=lock.refresh if env.rank == 0 else None).start()
         result = _train(cfg, env, device, output, log, watchdog)
         ok = True
+        write_status("stopped" if result["stopped_by_signal"] else "finished", env.rank)
         return result
+    except BaseException:
+        write_status("failed", env.rank)
+        raise
     finally:
         if watchdog is not None:
             watchdog.stop()
