@@ -67,7 +67,7 @@ class StepGuard:
         if self.zero_stage == 0:
             grads += [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         for table in self.head_opt.tables:
-            grads += [leaf.grad for _, leaf in getattr(table, "_pending", ()) if leaf.grad is not None]
+            grads += table.pending_grads()
         grads += [p.grad for p in self.head_opt.dense if p.grad is not None]
         return grads
 
