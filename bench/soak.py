@@ -4,11 +4,11 @@ anything turn non-finite, do periodic checkpoints and their rotation hold up?
     ./run.sh python -m bench.soak [--steps 1000] [--out bench/results/soak_cpu.txt]
 
 Synthetic identities (40 x 16 images), the tiny IResNet, UniTSFace's embedded loss (CosFace + USS with the class
-memory), batch 16 per rank, a step checkpoint every 30 steps (2 kept; epochs end every 20). Every second the resident memory (RSS) of both
-ranks is sampled; the step log gives the steps/s of each 10-step window. Printed: per 100 steps the step time and the
-RSS of each rank; the least-squares RSS slope per 100 steps after the first 200 (warm-up: allocator pools, the
-DataLoader worker, the memory filling); the step-time trend (last 200 steps over steps 200-400); the non-finite count
-(skipped steps in the log, and every tensor of the final checkpoint checked).
+memory), batch 16 per rank, a step checkpoint every 30 steps (2 kept; an epoch ends every 20 steps). Every second the
+resident memory (RSS) of both ranks is sampled; the step log gives the steps/s of each 10-step window. Printed: per
+100 steps the step time and the RSS of each rank; the least-squares RSS slope per 100 steps after the first 200
+(warm-up: allocator pools, the DataLoader worker, the memory filling); the step-time trend (last 200 steps over steps
+200-400); the non-finite count (skipped steps in the log, and every tensor of the final checkpoint checked).
 """
 from __future__ import annotations
 
