@@ -81,7 +81,7 @@ class StepGuard:
         by_type: dict[tuple, list[torch.Tensor]] = {}
         for g in grads:
             by_type.setdefault((g.device, g.dtype), []).append(g)
-        for group in by_type.values():  # the fused check needs one dtype per call; scale 1 leaves the values as they are
+        for group in by_type.values():  # one dtype per fused call; a scale of 1 leaves the values as they are
             torch._amp_foreach_non_finite_check_and_unscale_(group, self._found, self._one.to(group[0].dtype))
         flags[0] = torch.maximum(self._found[0], (~torch.isfinite(loss.detach().float())).float())
         if stop:
@@ -135,5 +135,5 @@ class StepGuard:
             raise NonFiniteError(
                 f"{self.consecutive} non-finite steps in a row (train.max_nonfinite_steps={self.max_consecutive}), "
                 f"the last at {where}; record keys of this rank's last batch: {batch_keys}. Nothing of these steps "
-                f"was applied or saved: the newest checkpoint is finite. Lower optim.lr / raise schedule.warmup_epochs, "
-                f"or check those records (python -m data.tools.inspect ROOT --decode)")
+                f"was applied or saved: the newest checkpoint is finite. Lower optim.lr / raise "
+                f"schedule.warmup_epochs, or check those records (python -m data.tools.inspect ROOT --decode)")
