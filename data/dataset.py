@@ -19,8 +19,8 @@ with a :class:`RecordIOError` saying how to list them all and how to allow more.
 Job signals. SLURM (scancel, preemption) and the DeepSpeed launcher send SIGTERM (or SIGUSR1) to every process of
 the job, DataLoader workers included; torch's own SIGTERM handler in a worker dies unless the signal came from the
 worker's parent, and the rank then fails with "DataLoader worker ... killed by signal" before it can checkpoint.
-:func:`ignore_job_signals` (the workers' ``worker_init_fn``) makes SIGTERM and SIGUSR1 from anyone but the rank
-harmless, so the rank decides. Workers still end with their rank: by the rank's normal shutdown, by SIGTERM from the
+:func:`ignore_job_signals` (the workers' ``worker_init_fn``) keeps the workers alive through SIGTERM and SIGUSR1
+from anyone but the rank and passes such a signal on to the rank, which decides. Workers still end with their rank: by the rank's normal shutdown, by SIGTERM from the
 rank itself (multiprocessing terminates its daemon children at interpreter exit), or when the rank is gone (torch's
 worker watchdog checks the parent every 5 s).
 """
@@ -72,6 +72,8 @@ def _take_job_signals(parent: int) -> None:
         if info.si_signo == signal.SIGTERM and info.si_pid == parent:
             os._exit(0)  # the rank stops its worker (torch's handler does the same)
         if info.si_pid != parent:
+            if os.getppid() != parent:  # the rank is gone (this worker was re-parented): its pid may be reused
+                os._exit(0)
             try:  # a job signal meant for the training (sent to the workers alone): the rank decides
                 os.kill(parent, info.si_signo)
             except ProcessLookupError:
