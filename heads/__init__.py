@@ -14,6 +14,11 @@ Every head: ``forward(x_local, labels_local) -> (loss, logs)`` with the global-b
 (heads/comm.py: the gradient convention), ``per_class_buffers()`` (what a checkpoint reshards),
 ``learned_thresholds()`` (cosine thresholds the loss learns: USS/UCE b/s, GB-CosFace p_v), ``partition``; heads
 with a start epoch also have ``set_epoch(epoch)``. heads/optim.py's HeadOptimizer steps them.
+
+A training step of any head makes no host sync (heads/blocks.py) unless asked for statistics:
+``set_collect_stats(head, enabled)`` (heads/stats.py) switches the top-1 accuracy and the memory fill on or off (on
+by default; the trainer turns them on for log steps). ``set_matmul_precision(head, "fp32" | "tf32" | "bf16")``
+(heads/precision.py; config key ``head.matmul_precision``) sets the precision of the [N, D] x [D, K] products.
 """
 from __future__ import annotations
 
@@ -25,12 +30,15 @@ from heads.gb_cosface import GBCosFace
 from heads.margins import AdaptiveMargin, CombinedMargin
 from heads.partial_fc import PartialFC
 from heads.partition import ClassPartition
+from heads.precision import MATMUL_PRECISIONS, set_matmul_precision
 from heads.registry import (HEADS, PRESETS, S2S_TERMS, HeadConfigError, build_head, flag, loss_names, number,
                             read_options, register_head, register_preset, register_s2s)
 from heads.sample_to_sample import S2SBCE, USS, S2SSoftmax
+from heads.stats import collects_stats, set_collect_stats
 from heads.uce import UniformBCE
 
 __all__ = ["HEADS", "PRESETS", "S2S_TERMS", "PRESET_TABLE", "HeadConfigError", "build_head", "register_head",
            "register_s2s", "register_preset", "loss_names", "read_options", "number", "flag", "ClassPartition",
            "PartialFC", "UniformBCE", "GBCosFace", "EmbeddedLoss", "USS", "S2SBCE", "S2SSoftmax", "EPL",
-           "CombinedMargin", "AdaptiveMargin"]
+           "CombinedMargin", "AdaptiveMargin", "set_collect_stats", "collects_stats", "set_matmul_precision",
+           "MATMUL_PRECISIONS"]

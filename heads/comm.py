@@ -13,6 +13,12 @@ Primitives (each is an identity when torch.distributed is not initialised, or wh
   with which data parallelism (DeepSpeed, DDP) averages backbone gradients, so W ranks x B samples train exactly
   like 1 rank x W*B. This is the only place where x W appears. Every rank must pass the same B.
 * ``gather_labels(y_local) -> Y [W*B]`` (no gradient).
+
+  Both check that every rank passes the same shape (else DistributedInputError on every rank) on their first call
+  and whenever this rank's shape changes, not every step: the check all-gathers the shapes and reads them on the
+  host, a sync. So a batch size that changes on SOME ranks only is caught only where it changed, and those ranks'
+  check then meets the others' data all-gather: gloo reports a size mismatch, NCCL may hang until the timeout. The
+  trainer keeps every rank's batch fixed (the loaders drop the last partial batch).
 * ``shard_sum(t)``: forward all_reduce SUM, so every rank holds the global value; backward identity, so each rank's
   graph holds its own summand. A per-class sum (BCE style) is ``shard_sum(local_sum)``; a target logit is
   ``shard_sum(local_target_logit_or_zero)``.
@@ -53,8 +59,20 @@ def world() -> tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
+_CHECKED: dict[str, tuple[object, tuple[int, ...]]] = {}  # what -> (process group, shape) last checked
+
+
 def _check_same_shape(t: Tensor, what: str) -> None:
-    """Every rank must pass a tensor of the same shape; raise on every rank (none hangs) otherwise."""
+    """Every rank must pass a tensor of the same shape; raise on every rank (none hangs) otherwise.
+
+    Runs when this rank's shape for ``what`` differs from the one last checked in this process group (the first
+    call included); otherwise returns at once (no collective, no sync).
+    """
+    group = dist.distributed_c10d._get_default_group()
+    last = _CHECKED.get(what)
+    if last is not None and last[0] is group and last[1] == tuple(t.shape):
+        return
+    _CHECKED.pop(what, None)
     world_size, rank = world()
     shape = torch.tensor(list(t.shape), dtype=torch.long, device=t.device)
     shapes = [torch.empty_like(shape) for _ in range(world_size)]
@@ -65,6 +83,7 @@ def _check_same_shape(t: Tensor, what: str) -> None:
         raise DistributedInputError(
             f"{what}: every rank must pass the same shape (the same per-rank batch size B), got {per_rank}; "
             f"keep a fixed batch per rank (drop or pad the last batch)")
+    _CHECKED[what] = (group, tuple(t.shape))
 
 
 def _all_gather_cat(t: Tensor) -> Tensor:

@@ -14,7 +14,8 @@ over the 2N rows [CosFace rows; prototype rows] = 1/2 (CosFace + EPL)). One step
 
 Both terms see the same sampled classes S (the memory rows of S: positives are always sampled, so every sample
 meets its own class). With w_c = 0 the centres are not scored once the s2s term runs (UniTSFace's "USS alone"
-ablation: the s2c loss in epoch 0 only). Every quantity is global, identical on every rank.
+ablation: the s2c loss in epoch 0 only). Every quantity is global, identical on every rank. ``memory_filled`` (the
+fraction of rows written: a class-sized pass and an all-reduce) is logged on statistics steps only (heads/stats.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from heads.comm import all_reduce_sum_
 from heads.partial_fc import PartialFC, no_autocast
 from heads.partition import ClassPartition
 from heads.sample_to_sample import MemoryTerm
+from heads.stats import collects_stats
 
 COMBINE = ("sum", "mean")
 
@@ -93,7 +95,8 @@ class EmbeddedLoss(nn.Module):
                 loss = loss_c
             if self.training:
                 self.s2s.after_loss(batch)
-            logs["memory_filled"] = self.memory_filled(batch.X)
+            if collects_stats(self):
+                logs["memory_filled"] = self.memory_filled(batch.X)
             return loss, logs
 
     def extra_repr(self) -> str:

@@ -17,8 +17,9 @@ from torch import Tensor
 from heads.margins import AdaptiveMargin
 from heads.memory import PrototypeMemory
 from heads.partial_fc import ClassScores, ShardBatch
-from heads.partition import ClassPartition
 from heads.memory_scores import softmax_mean
+from heads.partition import ClassPartition
+from heads.precision import matmul_precision_of
 from heads.sample_to_sample import MemoryTerm
 
 
@@ -36,7 +37,8 @@ class EPL(MemoryTerm):
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
         rows, valid = self.memory.rows(scores.index)
-        return softmax_mean(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, self.margin), {}
+        return softmax_mean(self.unit_batch(batch, rows, scores), rows, valid, scores.target, self.scale, self.margin,
+                            precision=matmul_precision_of(self)), {}
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, k={self.margin.k}, init={self.memory.init}"

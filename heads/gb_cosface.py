@@ -12,17 +12,26 @@ p_v is a buffer (not a parameter): the first training batch sets it to mean(v); 
 p_v <- (1 - rate) clamp(p_v) + rate mean(v) (the clamped value is written back, as the official code does), then
 the mean over ranks. v is a function of the global batch, so p_v is the same on every rank by construction.
 With alpha = 0 the loss equals CosFace(s, 2m) in value and gradient.
+
+No host sync: the first-batch initialisation is a torch.where on the ``p_v_started`` flag (p_v and the flag are
+written every training step, the same values when already started), and rank_mean(v_mean) is one scalar
+all-reduce shared by the initialisation and the EMA. Value and gradients are computed in the forward
+(heads/blocks.py): c_p and c_n are [N] functions of the cosines, dL/dcos = dL/dc_n softmax_{j != y}(s cos_ij) and,
+at the target, dL/dc_p.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from heads.comm import rank_mean
-from heads.dist_softmax import dist_logsumexp_nontarget, dist_target_logit
+from heads.blocks import (needs_grad, put_targets, row_max, stabiliser, take_targets, target_columns, top1_correct,
+                          with_gradients)
+from heads.comm import all_reduce_sum_, rank_mean
 from heads.journal import Journaled
-from heads.margins import interclass_filter, target_mask
+from heads.margins import target_mask
 from heads.partial_fc import ClassScores, PartialFC, ShardBatch
+from heads.precision import matmul_precision_of
+from heads.stats import collects_stats
 
 
 def softplus_exact(z: Tensor) -> Tensor:
@@ -46,28 +55,57 @@ class GBCosFace(Journaled, PartialFC):
 
     def criterion(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
         s, m, target = self.scale, self.margin_value, scores.target
-        cos = interclass_filter(scores.cos, target_mask(scores.cos, target), self.interclass_filtering_threshold)
-        c_p = dist_target_logit(cos, target)
-        c_n = dist_logsumexp_nontarget(s * cos, target) / s
-        v = ((c_p + c_n) / 2).detach()
-        v_mean = v.mean()
-        update = self.training
-        if update and not bool(self.p_v_started):
-            with torch.no_grad():
+        block = scores.block(matmul_precision_of(self))
+        n, k = block.shape
+        cos = block.cos
+        owned, tcol = target_columns(target)
+        need = needs_grad(block.u, block.w)
+        with torch.no_grad():
+            accuracy = top1_correct(cos, owned, tcol).to(cos.dtype).mean() if collects_stats(self) else None
+            filtered = None
+            if self.interclass_filtering_threshold > 0 and k:
+                filtered = (cos > self.interclass_filtering_threshold) & ~target_mask(cos, target)
+            z = cos * s                                                  # the negatives: s cos, targets -inf
+            if filtered is not None:
+                z.masked_fill_(filtered, 0.0)
+            put_targets(z, tcol, owned, float("-inf"))
+            mx = stabiliser(row_max(z))
+            e = z.sub_(mx.unsqueeze(1)).exp_()
+            total, c_p = all_reduce_sum_(torch.stack([e.sum(1), torch.where(owned, take_targets(cos, tcol), 0.0)],
+                                                     1)).unbind(1)
+            c_n = (mx + torch.log(total)) / s                            # (1/s) logsumexp_{j != y}(s cos_j), global
+            v = (c_p + c_n) / 2
+            v_mean = v.mean()
+        if self.training:
+            v_bar = rank_mean(v_mean)
+            with torch.no_grad():  # the first training batch sets p_v to mean(v)
                 self.journal(self.p_v)
                 self.journal(self.p_v_started)
-                self.p_v.copy_(rank_mean(v_mean))
+                self.p_v.copy_(torch.where(self.p_v_started, self.p_v, v_bar.to(self.p_v.dtype)))
                 self.p_v_started.fill_(True)
-        p_v = self.p_v.clamp(self.pv_low, self.pv_high) if bool(self.p_v_started) else \
-            v_mean.clamp(self.pv_low, self.pv_high)
-        v_hat = v + self.alpha * (p_v.to(v.dtype) - v)
-        loss = 0.5 * softplus_exact(2 * s * (v_hat - (c_p - m))).mean() + \
-            0.5 * softplus_exact(2 * s * (c_n - (v_hat - m))).mean()
-        if update:
+            p_v = self.p_v.clamp(self.pv_low, self.pv_high)
+        else:
+            p_v = torch.where(self.p_v_started, self.p_v, v_mean.to(self.p_v.dtype)).clamp(self.pv_low, self.pv_high)
+        with torch.no_grad():
+            v_hat = v + self.alpha * (p_v.to(v.dtype) - v)
+            a = 2 * s * (v_hat - (c_p - m))
+            b = 2 * s * (c_n - (v_hat - m))
+            loss = 0.5 * softplus_exact(a).mean() + 0.5 * softplus_exact(b).mean()
+            if need:
+                d_cp = -s * torch.sigmoid(a) / n                         # dL/dc_p
+                d_cn = s * torch.sigmoid(b) / n                          # dL/dc_n
+                G = e.mul_((d_cn / total).unsqueeze(1))                  # dc_n/dcos_ij = softmax_{j != y}
+                if filtered is not None:
+                    G.masked_fill_(filtered, 0.0)
+                put_targets(G, tcol, owned, d_cp)                        # dc_p/dcos_iy = 1
+                grad_u, grad_w = block.gradients(G, block.column_dots(G))
+        if need:
+            loss = with_gradients(loss, [(block.u, grad_u), (block.w, grad_w)])
+        if self.training:
             with torch.no_grad():
                 self.journal(self.p_v)
-                self.p_v.copy_(rank_mean((1.0 - self.pv_momentum) * p_v + self.pv_momentum * v_mean))
-        logs = self.score_logs(scores)
+                self.p_v.copy_((1.0 - self.pv_momentum) * p_v + self.pv_momentum * v_bar.to(p_v.dtype))
+        logs = self.score_logs(scores, accuracy)
         logs["p_v"] = p_v.detach().clone()
         return loss, logs
 

@@ -16,6 +16,12 @@ writing only the rows of the classes it owns:
 Duplicate labels in one batch: the LAST occurrence in the gathered batch wins (one write per class per step, from
 the state before the step). The gathered order is rank order, so the rule is the same on any number of ranks.
 
+The writes make no host sync (:func:`write_plan`): every one of the N samples writes one row, of a fixed-size plan —
+each owned sample its class's row, with the value from its class's last occurrence (duplicates write the same value),
+and a sample of another rank's class the row of this rank's first owned sample, with that row's value; when no
+sample is owned, row 0 with its own old value. So the written set and values are those of "one write per class
+present", and the journal (heads/journal.py) records the same N rows before the write.
+
 All state is buffers (dim 0 = class): it checkpoints with the head and reshards with ``per_class_buffers``.
 """
 from __future__ import annotations
@@ -60,6 +66,22 @@ def last_occurrence(local: Tensor) -> tuple[Tensor, Tensor]:
     return classes, last
 
 
+def write_plan(local: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dest, src, any_owned) for a sync-free "last occurrence wins" write of the N samples (see the module docstring).
+
+    dest [N]: the row each sample writes; src [N]: the sample whose value goes there (the last occurrence of dest's
+    class); any_owned: 0-dim bool, whether this rank owns any sample's class (if not, dest = 0 and the write must
+    keep row 0's old value).
+    """
+    owned = local >= 0
+    ordered, order = torch.sort(local, stable=True)
+    last = order[torch.searchsorted(ordered, local, right=True) - 1]  # stable: the last equal label is the latest
+    first = owned.to(torch.uint8).argmax()                             # the first owned sample (0 if none)
+    dest = torch.where(owned, local, local[first].clamp_min(0))
+    src = torch.where(owned, last, last[first])
+    return dest, src, owned.any()
+
+
 class LatestFeatureMemory(Journaled, nn.Module):
     """Buffers ``features`` [C_local, D] (the latest embedding of each class) and ``valid`` [C_local] (written)."""
 
@@ -84,12 +106,16 @@ class LatestFeatureMemory(Journaled, nn.Module):
 
     @torch.no_grad()
     def write(self, X: Tensor, local: Tensor) -> None:
-        """features[y] <- X_i / |X_i| (detached) for the last sample i of each owned class y."""
-        classes, last = last_occurrence(local)
-        self.journal(self.features, classes)
-        self.journal(self.valid, classes)
-        self.features.index_copy_(0, classes, normalize(X.detach()[last].to(self.features.dtype)))
-        self.valid[classes] = True
+        """features[y] <- X_i / |X_i| (detached) for the last sample i of each owned class y (no host sync)."""
+        if local.numel() == 0:
+            return
+        dest, src, any_owned = write_plan(local)
+        rows = torch.where(any_owned, normalize(X.detach()[src].to(self.features.dtype)), self.features[dest])
+        valid = self.valid[dest] | any_owned
+        self.journal(self.features, dest)
+        self.journal(self.valid, dest)
+        self.features.index_copy_(0, dest, rows)
+        self.valid.index_copy_(0, dest, valid)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         """Rows saved raw (checkpoints written before the memory kept unit rows) are normalised on load; non-finite
@@ -145,18 +171,21 @@ class PrototypeMemory(Journaled, nn.Module):
 
     @torch.no_grad()
     def update(self, X: Tensor, local: Tensor) -> None:
-        """Softsign update of P_y from the last sample of each owned class y (first sight: P_y <- x/|x|)."""
-        classes, last = last_occurrence(local)
-        x = normalize(X.detach()[last].to(self.prototypes.dtype))
-        P = self.prototypes[classes]
+        """Softsign update of P_y from the last sample of each owned class y (first sight: P_y <- x/|x|); no sync."""
+        if local.numel() == 0:
+            return
+        dest, src, any_owned = write_plan(local)
+        x = normalize(X.detach()[src].to(self.prototypes.dtype))
+        P = self.prototypes[dest]
+        seen = self.valid[dest]
         c = (P * x).sum(1, keepdim=True)
         a = c / (1.0 + c.abs())
         moved = normalize(a * P + (1.0 - a) * x)
-        new = torch.where(self.valid[classes].unsqueeze(1), moved, x)
-        self.journal(self.prototypes, classes)
-        self.journal(self.valid, classes)
-        self.prototypes.index_copy_(0, classes, new)
-        self.valid[classes] = True
+        new = torch.where(any_owned, torch.where(seen.unsqueeze(1), moved, x), P)
+        self.journal(self.prototypes, dest)
+        self.journal(self.valid, dest)
+        self.prototypes.index_copy_(0, dest, new)
+        self.valid.index_copy_(0, dest, seen | any_owned)
 
     @torch.no_grad()
     def filled(self) -> Tensor:

@@ -21,12 +21,19 @@ another rank), s the scale, cos = u R^T.
     bce_sum        this shard's  sum_i softplus(-(s (cos_iy - m) - b_y)) + sum_{i, j != y_i} softplus(s cos_ij - b_j)
                    over written columns; b one scalar or one per column. With ``clamp``: each softplus argument is
                    clamped to [-clamp, clamp] first (the official code), which zeroes the gradient of the clamped
-                   terms (masks are built only when some argument lies outside).
+                   terms. ``bias`` may be a function of the data-driven bias (below) that returns the bias to use:
+                   USS / s2s-BCE initialise b from the data when it is <= 0, without a host sync.
+    negatives_lse  mean_i logsumexp_{j != y_i}(s cos_ij) over the written columns of all ranks (rows without any
+                   such column left out), and whether any row had one: UniTSFace's data-driven bias.
     softmax_mean   mean over the samples whose positive row is written (on any rank) of -log softmax_j(z_i)_y,
                    z_ij = s cos_ij, z_iy = s margin(cos_iy), over the written columns of all ranks.
 
 Margins here are additive (the target's value moves, its derivative stays 1): CosFace-style cos - m, and EPL's
 cos - k sg(cos). Both functions need the rows to be unit vectors (the memories keep them so: heads/memory.py).
+
+No host sync (heads/blocks.py): targets by gather / scatter, unwritten columns masked every step, the clamp's
+masks always built, "no written positive anywhere" handled by a clamped denominator. The two products run in the
+head's matmul precision (heads/precision.py).
 """
 from __future__ import annotations
 
@@ -36,141 +43,123 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from heads.comm import all_reduce_sum_, global_max
-from heads.margins import target_positions
+from heads.blocks import (global_logsumexp_of, needs_grad, put_targets, row_max, stabiliser, sum_chunked,
+                          take_targets, target_columns, with_gradients)
+from heads.comm import all_reduce_sum_
+from heads.precision import matmul
+
+__all__ = ["bce_sum", "softmax_mean", "negatives_lse", "with_gradients"]
+
+BiasFromData = Callable[[Tensor, Tensor], Tensor]
+"""(data-driven bias: 0-dim, whether it exists: 0-dim bool) -> the bias to use in this step."""
 
 
-class _WithGradients(torch.autograd.Function):
-    """``value`` (0-dim) whose gradients w.r.t. ``inputs`` were computed with it: backward = g * stored gradient."""
+def negatives_lse(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean over rows of the global logsumexp of ``z``'s finite entries, whether any row has one); no sync.
 
-    @staticmethod
-    def forward(ctx, value: Tensor, *pairs: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(*pairs[1::2])
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        out: list[Tensor | None] = [None]
-        for grad in ctx.saved_tensors:
-            out += [grad * g.to(grad.dtype), None]
-        return tuple(out)
-
-
-def with_gradients(value: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """``value`` as a differentiable scalar of the inputs of ``pairs`` [(input, d value / d input)].
-
-    Inputs that do not require a gradient are left out; with none left, the plain value is returned.
+    ``z`` [N, K]: s cos with the positives and unwritten columns at -inf (this rank's columns). Global, identical on
+    every rank.
     """
-    flat = [t for inp, grad in pairs if inp.requires_grad for t in (inp, grad.to(inp.dtype))]
-    if not flat:
-        return value
-    return _WithGradients.apply(value, *flat)
+    local = torch.logsumexp(z, 1) if z.shape[1] else z.new_full((z.shape[0],), float("-inf"))
+    lse = global_logsumexp_of(local)
+    finite = torch.isfinite(lse)
+    count = finite.sum()
+    return torch.where(finite, lse, 0.0).sum() / count.clamp_min(1), count > 0
 
 
-def _needs_grad(*inputs: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+def _mask_negatives(z: Tensor, tcol: Tensor, owned: Tensor, valid: Tensor) -> None:
+    """Positives and unwritten columns to -inf (softplus and sigmoid of -inf are 0: no term, no gradient)."""
+    put_targets(z, tcol, owned, float("-inf"))
+    z.masked_fill_(~valid.unsqueeze(0), float("-inf"))
 
 
-def bce_sum(u: Tensor, rows: Tensor, valid: Tensor, target: Tensor, scale: float, margin: float, bias: Tensor,
-            clamp: float | None = None) -> Tensor:
+def bce_sum(u: Tensor, rows: Tensor, valid: Tensor, target: Tensor, scale: float, margin: float,
+            bias: Tensor | BiasFromData, clamp: float | None = None, precision: str = "fp32") -> Tensor:
     """This shard's part of the sample-to-sample BCE sum (see the module docstring): 0-dim, gradients to u, bias.
 
-    bias: 0-dim (one unified b) or [K] (b_j per column, e.g. a leaf of the sampled rows of per-class biases).
+    bias: 0-dim (one unified b) or [K] (b_j per column, e.g. a leaf of the sampled rows of per-class biases), or a
+    function ``bias(data_bias, exists) -> that tensor`` called once the block's data-driven bias is known.
     """
     n, k = u.shape[0], rows.shape[0]
-    need_grad = _needs_grad(u, bias)
     with torch.no_grad():
         ud = u.detach()
+        owned, tcol = target_columns(target)
+        z = matmul(ud, rows.T, precision) if k else ud.new_zeros(n, 0)
+        cos_y = take_targets(z, tcol)
+        written = owned & (valid[tcol] if k else torch.zeros_like(owned))  # positives whose row is written
+        z.mul_(scale)                                                      # s cos
+        _mask_negatives(z, tcol, owned, valid)
+        if callable(bias):
+            bias = bias(*negatives_lse(z))
+    need_grad = needs_grad(u, bias)
+    with torch.no_grad():
         b = bias.detach().to(ud.dtype)
-        pos_rows, pos_cols = target_positions(target)
-        written = valid[pos_cols]
-        pr, pc = pos_rows[written], pos_cols[written]            # positives whose row is written
-        b_y = b if b.ndim == 0 else b[pc]
-
-        # negatives: z = s cos - b_j for every entry; positives and unwritten columns are set to -inf below
-        z = torch.addmm(-b if b.ndim == 0 else -b.unsqueeze(0), ud * scale, rows.T) if k else ud.new_zeros(n, 0)
-        low = high = None
-        if clamp is not None and z.numel():
-            z_min, z_max = torch.aminmax(z)
-            if bool(z_min < -clamp):
-                low = z < -clamp
-            if bool(z_max > clamp):
-                high = z > clamp
-            if low is not None or high is not None:
-                z.clamp_(-clamp, clamp)
-        z[pos_rows, pos_cols] = float("-inf")                   # softplus(-inf) = sigmoid(-inf) = 0: no term
-        if not bool(valid.all()):
-            z.masked_fill_(~valid, float("-inf"))
-        total = F.softplus(z).sum()
-
-        # positives: zp = -(s (cos_y - m) - b_y), N values
-        cos_y = (ud[pr] * rows[pc]).sum(1)
-        zp = b_y - scale * (cos_y - margin)
-        inside = None
+        b_y = b if b.ndim == 0 else take_targets(b.unsqueeze(0).expand(n, k), tcol)
+        z.sub_(b if b.ndim == 0 else b.unsqueeze(0))                     # negatives: s cos_ij - b_j
+        zp = b_y - scale * (cos_y - margin)                               # positives: -(s (cos_y - m) - b_y)
+        outside = inside = None
         if clamp is not None:
+            outside = (z < -clamp).logical_or_(z > clamp)
+            z.clamp_(-clamp, clamp)
+            _mask_negatives(z, tcol, owned, valid)                         # the clamp lifted -inf to -clamp
             inside = zp.abs() <= clamp
             zp = zp.clamp(-clamp, clamp)
-        total = total + F.softplus(zp).sum()
+        total = sum_chunked(F.softplus, z) + torch.where(written, F.softplus(zp), 0.0).sum()
         if not need_grad:
             return total
 
         g = z.sigmoid_()                                        # dL/dz of the negatives (0 at -inf)
-        for mask in (low, high):
-            if mask is not None:
-                g.masked_fill_(mask, 0.0)
-        gp = torch.sigmoid(zp)                                  # dL/dzp of the positives
+        if outside is not None:
+            g.masked_fill_(outside, 0.0)
+        gp = torch.where(written, torch.sigmoid(zp), 0.0)       # dL/dzp of the positives
         if inside is not None:
             gp = gp * inside
         # z_ij = s cos_ij - b_j:  dL/dcos_ij = s g_ij, dL/db_j = -g_ij
         # zp_i = b_y - s(cos_iy - m):  dL/dcos_iy = -s gp_i, dL/db_y = gp_i
-        grad_u = torch.mm(g, rows) if k else torch.zeros_like(ud)
-        grad_u.index_add_(0, pr, rows[pc] * (-gp).unsqueeze(1))
-        grad_u.mul_(scale)
         if b.ndim == 0:
             grad_b = gp.sum() - g.sum()
         else:
-            grad_b = g.sum(0).neg_().index_add_(0, pc, gp)
+            grad_b = g.sum(0).neg_()
+            if k:
+                grad_b.index_add_(0, tcol, gp)
+        grad_u = matmul(g, rows, precision) if k else torch.zeros_like(ud)
+        if k:
+            grad_u.addcmul_(rows[tcol], gp.unsqueeze(1), value=-1.0)
+        grad_u.mul_(scale)
     return with_gradients(total, [(u, grad_u), (bias, grad_b)])
 
 
 def softmax_mean(u: Tensor, rows: Tensor, valid: Tensor, target: Tensor, scale: float,
-                 margin: Callable[[Tensor], Tensor]) -> Tensor:
+                 margin: Callable[[Tensor], Tensor], precision: str = "fp32") -> Tensor:
     """Softmax cross-entropy over the memory columns of all ranks (see the module docstring): 0-dim, global.
 
     ``margin(cos_y)`` gives the target cosine's value; its derivative is taken as 1 (additive margins only).
     Averaged over the samples whose positive row is written on its owner; 0 when there is none.
     """
     n, k = u.shape[0], rows.shape[0]
-    need_grad = _needs_grad(u)
+    need_grad = needs_grad(u)
     with torch.no_grad():
         ud = u.detach()
-        z = torch.mm(ud * scale, rows.T) if k else ud.new_zeros(n, 0)
-        pr, pc = target_positions(target)
-        z_y = scale * margin((ud[pr] * rows[pc]).sum(1))
-        z[pr, pc] = z_y
-        if not bool(valid.all()):
-            z.masked_fill_(~valid, float("-inf"))
-        m = global_max(z.amax(1) if k else torch.full((n,), float("-inf"), dtype=z.dtype, device=z.device))
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows of only -inf: no NaN
+        owned, tcol = target_columns(target)
+        z = matmul(ud, rows.T, precision) if k else ud.new_zeros(n, 0)
+        z_y = scale * margin(take_targets(z, tcol))
+        z.mul_(scale)
+        put_targets(z, tcol, owned, z_y)
+        z.masked_fill_(~valid.unsqueeze(0), float("-inf"))
+        m = stabiliser(row_max(z))
         e = z.sub_(m.unsqueeze(1)).exp_()
         # one all-reduce: per row the sum of exp, the target logit (its owner's), whether the positive is written
-        parts = torch.zeros(n, 3, dtype=z.dtype, device=z.device)
-        parts[:, 0] = e.sum(1)
-        parts[pr, 1] = z_y
-        parts[pr, 2] = valid[pc].to(z.dtype)
-        all_reduce_sum_(parts)
-        total, target_logit, keep = parts[:, 0], parts[:, 1], parts[:, 2] > 0
-        n_keep = keep.sum()
-    if not bool(n_keep > 0):
-        return with_gradients(ud.new_zeros(()), [(u, torch.zeros_like(ud))])
-    with torch.no_grad():
+        written = owned & (valid[tcol] if k else torch.zeros_like(owned))
+        parts = torch.stack([e.sum(1), torch.where(owned, z_y, 0.0), written.to(z.dtype)], 1)
+        total, target_logit, keep = all_reduce_sum_(parts).unbind(1)
+        keep = keep > 0
+        n_keep = keep.sum().clamp_min(1).to(z.dtype)             # no kept sample: every term below is 0
         per_sample = m + torch.log(total) - target_logit
-        loss = torch.where(keep, per_sample, torch.zeros_like(per_sample)).sum() / n_keep
+        loss = torch.where(keep, per_sample, 0.0).sum() / n_keep
         if not need_grad:
             return loss
         # dL/dz_ij = (softmax_ij - [j = y_i]) / n_keep on the kept rows, 0 elsewhere
-        row_factor = torch.where(keep, 1.0 / (n_keep * total), torch.zeros_like(total))
-        g = e.mul_(row_factor.unsqueeze(1))
-        g[pr, pc] -= keep[pr].to(g.dtype) / n_keep
-        grad_u = torch.mm(g, rows).mul_(scale) if k else torch.zeros_like(ud)
+        g = e.mul_(torch.where(keep, 1.0 / (n_keep * total), 0.0).unsqueeze(1))
+        put_targets(g, tcol, owned, take_targets(g, tcol) - keep.to(g.dtype) / n_keep)
+        grad_u = matmul(g, rows, precision).mul_(scale) if k else torch.zeros_like(ud)
     return with_gradients(loss, [(u, grad_u)])

@@ -7,14 +7,21 @@ on the rows that were sampled since the last step, with torch.optim.SGD's rule (
 
 so with every row sampled every step it is exactly torch.optim.SGD; rows not sampled, and their momentum, do not
 change (no weight decay either). The momentum lives in the head's ``weight_momentum`` buffer, so it checkpoints and
-reshards with the head.
+reshards with the head. The step allocates nothing of the sampled rows' size: w is the copy of the rows the forward
+gathered (its leaf, heads/rows.py), d is formed in the gradient's buffer, the momentum rows are scaled and added in
+place in the table (index_reduce_, index_add_) and read back into that same buffer, and w is written back with one
+index_copy_.
 
 Dense head parameters are replicated on every rank, but each rank's graph holds only its class shard's part of
-their gradient (heads/comm.py): their gradients are all_reduce-SUMmed first, then a torch.optim.SGD steps them.
+their gradient (heads/comm.py): their gradients are all_reduce-SUMmed first, then a torch.optim.SGD steps them. A
+parameter that no rank used this step (None everywhere) must not move (torch.optim.SGD skips it): which ones those
+are is known only on the device (the all-reduced flags), so every dense parameter is stepped and the unused ones
+are put back with torch.where: no host sync.
 """
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -35,6 +42,8 @@ class RowSparseTable(Protocol):
     weight_momentum: Tensor
 
     def pop_row_grads(self) -> tuple[Tensor | None, Tensor] | None: ...
+
+    def pending_grads(self) -> list[Tensor]: ...
 
     def clear_row_grads(self) -> None: ...
 
@@ -80,44 +89,72 @@ class HeadOptimizer:
     def step(self, grad_scale: float = 1.0) -> None:
         """One SGD step. ``grad_scale``: the loss scale the gradients carry (fp16), divided out first."""
         for table in self.tables:
-            popped = table.pop_row_grads()
+            if hasattr(table, "pop_rows"):
+                popped = table.pop_rows()
+            else:
+                pair = table.pop_row_grads()
+                popped = None if pair is None else (*pair, None)
             if popped is not None:
-                rows, grad = popped
-                self._step_rows(table, rows, grad / grad_scale if grad_scale != 1.0 else grad)
+                rows, grad, values = popped
+                self._step_rows(table, rows, grad, values, grad_scale)
         if self._sgd is not None:
-            self._reduce_dense_grads(grad_scale)
-            for group in self._sgd.param_groups:
-                group.update(self.param_groups[0])
-            self._sgd.step()
+            self._step_dense(grad_scale)
 
-    def _step_rows(self, table: RowSparseTable, rows: Tensor | None, grad: Tensor) -> None:
+    def _step_rows(self, table: RowSparseTable, rows: Tensor | None, grad: Tensor, values: Tensor | None,
+                   grad_scale: float) -> None:
+        lr, momentum, wd = self.lr, self.momentum, self.weight_decay
+        d = grad if grad.dtype == table.weight.dtype else grad.to(table.weight.dtype)  # ours: updated in place
+        if grad_scale != 1.0:
+            d.div_(grad_scale)
         if rows is None:
             w, buf = table.weight, table.weight_momentum
-        else:
-            w, buf = table.weight.index_select(0, rows), table.weight_momentum.index_select(0, rows)
-        d = grad.to(w.dtype).add(w, alpha=self.weight_decay)
-        buf.mul_(self.momentum).add_(d)
-        w.add_(buf, alpha=-self.lr)
-        if rows is not None:
-            table.weight.index_copy_(0, rows, w)
-            table.weight_momentum.index_copy_(0, rows, buf)
+            d.add_(w, alpha=wd)
+            buf.mul_(momentum).add_(d)
+            w.add_(buf, alpha=-lr)
+            return
+        w = values if values is not None else table.weight.index_select(0, rows)
+        d.add_(w, alpha=wd)
+        m = table.weight_momentum
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*index_reduce.*beta")
+            m.index_reduce_(0, rows, torch.full((1,) * m.ndim, momentum, dtype=m.dtype, device=m.device)
+                            .expand(rows.numel(), *m.shape[1:]), "prod")        # buf = momentum * buf
+        m.index_add_(0, rows, d)                                               # buf += d
+        torch.index_select(m, 0, rows, out=d)                                  # d <- buf
+        w.add_(d, alpha=-lr)
+        table.weight.index_copy_(0, rows, w)
 
-    def _reduce_dense_grads(self, grad_scale: float) -> None:
-        """Sum the shard parts of every dense gradient over ranks, in one all_reduce.
+    def _step_dense(self, grad_scale: float) -> None:
+        """Sum the shard parts of every dense gradient over ranks (one all_reduce), then torch.optim.SGD.
 
-        A trailing flag per parameter says whether any rank had a gradient, so a parameter unused on some rank
-        (None there) still gets the others' parts, and one unused everywhere stays None.
+        A trailing flag per parameter says whether any rank had a gradient, so a parameter unused on some rank (None
+        there) still gets the others' parts, and one unused everywhere keeps its value and momentum.
         """
         p0 = self.dense[0]
         parts = [p.grad.reshape(-1).to(p0.dtype) if p.grad is not None else torch.zeros(p.numel(), dtype=p0.dtype,
                  device=p0.device) for p in self.dense]
-        flags = torch.tensor([float(p.grad is not None) for p in self.dense], dtype=p0.dtype, device=p0.device)
-        flat = all_reduce_sum_(torch.cat(parts + [flags]))
+        flags = [torch.ones(1, dtype=p0.dtype, device=p0.device) if p.grad is not None else
+                 torch.zeros(1, dtype=p0.dtype, device=p0.device) for p in self.dense]
+        flat = all_reduce_sum_(torch.cat(parts + flags))
+        used = flat[-len(self.dense):] > 0
         offset = 0
-        for i, p in enumerate(self.dense):
+        for p in self.dense:
             chunk = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
-            p.grad = chunk / grad_scale if flat[-len(self.dense) + i] > 0 else None
+            p.grad = chunk / grad_scale if grad_scale != 1.0 else chunk
+        before = []
+        for p in self.dense:
+            buf = self._sgd.state.get(p, {}).get("momentum_buffer")
+            before.append((p.detach().clone(), None if buf is None else buf.clone()))
+        for group in self._sgd.param_groups:
+            group.update(self.param_groups[0])
+        self._sgd.step()
+        for i, (p, (old, old_buf)) in enumerate(zip(self.dense, before)):
+            p.copy_(torch.where(used[i], p, old))
+            buf = self._sgd.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:  # a buffer SGD just created for an unused parameter is 0 (as if none: SGD's first
+                buf.copy_(torch.where(used[i], buf, old_buf if old_buf is not None else torch.zeros_like(buf)))
+                # step with momentum sets buf = d, exactly momentum * 0 + d)
 
     def state_dict(self) -> dict:
         """What the head's buffers do not already hold: lr and the dense parameters' SGD state."""

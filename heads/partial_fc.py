@@ -4,11 +4,22 @@ Per step (N = W*B gathered samples, C_local = this rank's classes):
 
     X, Y     = gather_embeddings(x_local), gather_labels(y_local)          heads/comm.py       gather()
     S        = sampled local classes (sorted): every class of this shard present in Y, plus random others up to
-               int(r * C_local); r == 1: all classes, r == 0: positives only                    sample()
+               int(r * C_local); r == 1: all classes, r == 0: positives only                    sample_classes()
     W_S      = weight[S] as a fresh leaf tensor (the gradient is [|S|, D], never a dense [C_local, D])
-    cos      = normalize(X) @ normalize(W_S).T  (as (X/|X| @ W_S.T) / |W_j|)    [N, |S|]    score()
+    u        = normalize(X)                                                                      score()
+    cos      = u @ W_S^T / |W_j|                                             [N, |S|]     heads/blocks.py
     logits   = s * (cos with filtering and the target margin)               heads/margins.py
-    loss     = dist_cross_entropy(logits, target relabelled into S)         heads/dist_softmax.py  criterion()
+    loss     = mean_i (logsumexp_j logits_ij - logits_i,y) over the classes of all ranks         criterion()
+
+The loss and its gradients w.r.t. u and W_S are computed together in the forward (heads/blocks.py): the [N, |S|]
+block lives only inside the forward, in two buffers, and nothing of its size waits for the backward.
+
+No host sync in a training step (heads/blocks.py, DESIGN.md): the labels are range-checked on the first call and on
+statistics steps (heads/stats.py; an out-of-range label in between maps to no class: a wrong loss for that sample
+until the next check, never a wrong memory row or an out-of-bounds index); the sampler draws a fixed number of
+classes when every positive fits (int(r * C_local) > min(N, C_local), the usual case: e.g. 12.5k sampled classes per
+rank for a batch of 1024); otherwise the number of positives can exceed the sample size and sets the output size,
+which takes ONE sync (their count) per step.
 
 The centres and their SGD momentum are BUFFERS (weight, weight_momentum; dim 0 = class), so the head's memory per
 rank is 2 x shard, and they checkpoint and reshard with the state dict. heads/optim.py steps the sampled rows.
@@ -25,11 +36,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from heads.comm import gather_embeddings, gather_labels
-from heads.dist_softmax import dist_cross_entropy, dist_top1_correct
-from heads.margins import CombinedMargin, TargetMargin, cosine, margin_logits
+from heads.blocks import (CosineBlock, margin_and_slope, needs_grad, put_targets, row_max, stabiliser,
+                          take_targets, target_columns, top1_correct, with_gradients)
+from heads.comm import all_reduce_sum_, gather_embeddings, gather_labels
+from heads.margins import CombinedMargin, TargetMargin, normalize, target_mask
 from heads.partition import ClassPartition
+from heads.precision import matmul_precision_of
 from heads.rows import RowSparseRows
+from heads.stats import collects_stats
 
 INIT_BLOCK = 4096
 """Centres are drawn in blocks of this many classes, each from its own seed: the initial centre of a class does not
@@ -81,11 +95,58 @@ class ShardBatch:
 
 @dataclass
 class ClassScores:
-    """This rank's sampled classes and the cosines of the batch to their centres."""
+    """This rank's sampled classes, and what the sample-to-class loss scores: unit embeddings and centre rows."""
 
     index: Tensor | None  # sorted local indices of the sampled classes (None = all of the shard)
     target: Tensor        # [N] column of each sample's class within the sampled classes, -1 where not here
-    cos: Tensor | None    # [N, K] normalize(X) . normalize(W_S); None when only the sampling was asked for
+    u: Tensor | None      # [N, D] X / |X| in the centres' dtype (autograd to X); None when only sampling was asked
+    w: Tensor | None      # [K, D] the sampled centres, a fresh leaf (heads/rows.py); None likewise
+
+    @property
+    def num_sampled(self) -> int:
+        return 0 if self.w is None else self.w.shape[0]
+
+    def block(self, precision: str = "fp32") -> CosineBlock:
+        """The [N, K] cosines of u against w (heads/blocks.py)."""
+        return CosineBlock(self.u, self.w, precision)
+
+
+def margin_softmax_cross_entropy(block: CosineBlock, target: Tensor, margin: TargetMargin, scale: float,
+                                 filter_threshold: float = 0.0, with_accuracy: bool = False
+                                 ) -> tuple[Tensor, Tensor | None]:
+    """(mean_i -log softmax(logits_i)_y over the classes of all ranks, top-1 accuracy or None), no host sync.
+
+    logits = s * cos, non-target cosines above ``filter_threshold`` (when > 0) set to 0 without gradient, the
+    target's s * margin(cos_y). Value and gradients in the forward: two [N, K] buffers (cos; z -> exp -> dL/dcos),
+    one all-reduce for the row maxima and one for the sums of exp and the target logits.
+    """
+    n, k = block.shape
+    cos = block.cos
+    owned, tcol = target_columns(target)
+    need = needs_grad(block.u, block.w)
+    with torch.no_grad():
+        accuracy = top1_correct(cos, owned, tcol).to(cos.dtype).mean() if with_accuracy else None
+        margin_y, slope = margin_and_slope(margin, take_targets(cos, tcol), need)
+        z_y = scale * margin_y
+        z = cos * scale
+        filtered = None
+        if filter_threshold > 0 and k:
+            filtered = (cos > filter_threshold) & ~target_mask(cos, target)
+            z.masked_fill_(filtered, 0.0)
+        put_targets(z, tcol, owned, z_y)
+        m = stabiliser(row_max(z))
+        e = z.sub_(m.unsqueeze(1)).exp_()
+        total, target_logit = all_reduce_sum_(torch.stack([e.sum(1), torch.where(owned, z_y, 0.0)], 1)).unbind(1)
+        loss = (m + torch.log(total) - target_logit).mean()
+        if not need:
+            return loss, accuracy
+        # dL/dz = (softmax - onehot) / N;  dL/dcos = s dL/dz, at the target s * margin'(cos_y) dL/dz, 0 if filtered
+        G = e.mul_((scale / (n * total)).unsqueeze(1))
+        if filtered is not None:
+            G.masked_fill_(filtered, 0.0)
+        put_targets(G, tcol, owned, (take_targets(G, tcol) - scale / n) * slope)
+        grad_u, grad_w = block.gradients(G, block.column_dots(G))
+    return with_gradients(loss, [(block.u, grad_u), (block.w, grad_w)]), accuracy
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -96,8 +157,9 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 class PartialFC(RowSparseRows, nn.Module):
     """Class-sharded margin-softmax head. ``forward(x_local, labels_local) -> (loss, logs)``.
 
-    loss: the global-batch mean, identical on every rank. logs: ``accuracy`` (0-dim tensor, top-1 of the global
-    batch on the sampled cosines, identical on every rank) and ``num_sampled`` (this rank's sampled classes).
+    loss: the global-batch mean, identical on every rank. logs: ``num_sampled`` (this rank's sampled classes) and,
+    when statistics are collected (heads/stats.py; the default), ``accuracy`` (0-dim tensor, top-1 of the global
+    batch on the sampled cosines, identical on every rank).
     """
 
     def __init__(self, partition: ClassPartition, embedding_size: int, margin: TargetMargin = CombinedMargin(),
@@ -125,6 +187,7 @@ class PartialFC(RowSparseRows, nn.Module):
         self._generator: torch.Generator | None = None
         self._init_rows()
         self.last_sampled: Tensor | None = None  # sorted local indices of the last forward (None = all classes)
+        self._labels_checked = False
 
     # --- state ---------------------------------------------------------------------------------------------------
     def per_class_buffers(self) -> list[str]:
@@ -162,16 +225,27 @@ class PartialFC(RowSparseRows, nn.Module):
 
     # --- one step, in parts --------------------------------------------------------------------------------------
     def sample_classes(self, local_labels: Tensor) -> Tensor | None:
-        """Sorted local indices of this step's classes (None = all): positives, filled with random others."""
+        """Sorted local indices of this step's classes (None = all): positives, filled with random others.
+
+        Without a host sync when int(r * C_local) > min(N, C_local) (every positive fits: the output size is fixed);
+        otherwise the count of positives decides between "positives only" and "filled" (one sync). The same classes
+        and the same random stream either way.
+        """
         if self.sample_rate >= 1.0:
             return None
-        positives = torch.unique(local_labels[local_labels >= 0], sorted=True)
-        num_sample = int(self.sample_rate * self.partition.num_local)
-        if positives.numel() >= num_sample:
-            return positives
+        num_local = self.partition.num_local
+        num_sample = int(self.sample_rate * num_local)
+        owned = local_labels >= 0
+        mark = torch.zeros(num_local + 1, dtype=torch.bool, device=local_labels.device)
+        mark[torch.where(owned, local_labels, num_local)] = True  # other ranks' classes land in the spare slot
+        positive = mark[:num_local]
+        if num_sample <= min(local_labels.numel(), num_local):
+            count = int(positive.sum())  # the one sync: the positives may outnumber the sample size
+            if count >= num_sample:
+                return torch.nonzero_static(positive, size=count).squeeze(1)
         gen = self._sampler()
-        score = torch.rand(self.partition.num_local, generator=gen, device=gen.device).to(local_labels.device)
-        score[positives] = 2.0  # above every random score: positives are always kept
+        score = torch.rand(num_local, generator=gen, device=gen.device).to(local_labels.device)
+        score.masked_fill_(positive, 2.0)  # above every random score: positives are always kept
         return torch.topk(score, num_sample).indices.sort().values
 
     def _check_inputs(self, x_local: Tensor, labels_local: Tensor) -> None:
@@ -186,17 +260,22 @@ class PartialFC(RowSparseRows, nn.Module):
             raise HeadInputError(f"{name}: labels must be an integer tensor, got {labels_local.dtype}")
 
     def gather(self, x_local: Tensor, labels_local: Tensor) -> ShardBatch:
-        """Check the inputs, all-gather embeddings and labels, map labels to this shard."""
+        """Check the inputs, all-gather embeddings and labels, map labels to this shard.
+
+        The label range is checked (one host sync) on the first call and whenever statistics are collected.
+        """
         self._check_inputs(x_local, labels_local)
         X = gather_embeddings(x_local)
         Y = gather_labels(labels_local.to(device=x_local.device, dtype=torch.long))
-        if Y.numel() and bool(((Y < 0) | (Y >= self.num_classes)).any()):
-            raise HeadInputError(f"{type(self).__name__}: labels must lie in [0, {self.num_classes}), got min "
-                                 f"{int(Y.min())} max {int(Y.max())} in the gathered batch")
+        if Y.numel() and (not self._labels_checked or collects_stats(self)):
+            if bool(((Y < 0) | (Y >= self.num_classes)).any()):
+                raise HeadInputError(f"{type(self).__name__}: labels must lie in [0, {self.num_classes}), got min "
+                                     f"{int(Y.min())} max {int(Y.max())} in the gathered batch")
+            self._labels_checked = True
         return ShardBatch(X, Y, self.partition.to_local(Y))
 
     def score(self, batch: ShardBatch, with_cosines: bool = True) -> ClassScores:
-        """Sample this step's classes; with ``with_cosines`` take their centres as a tracked leaf and score them."""
+        """Sample this step's classes; with ``with_cosines`` take their centres as a tracked leaf and the unit batch."""
         index = self.sample_classes(batch.local)
         self.last_sampled = index
         if index is None:
@@ -205,20 +284,24 @@ class PartialFC(RowSparseRows, nn.Module):
             position = torch.searchsorted(index, batch.local.clamp_min(0))
             target = torch.where(batch.local >= 0, position, torch.full_like(batch.local, -1))
         if not with_cosines:
-            return ClassScores(index, target, None)
+            return ClassScores(index, target, None, None)
         w = self.leaf_rows(index, track=self.training and torch.is_grad_enabled())
-        return ClassScores(index, target, cosine(batch.X.to(w.dtype), w))
+        return ClassScores(index, target, normalize(batch.X.to(w.dtype)), w)
 
     def criterion(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
         """Margin softmax cross-entropy over the sampled classes of all ranks."""
-        logits = margin_logits(scores.cos, scores.target, self.margin, self.scale,
-                               self.interclass_filtering_threshold)
-        return dist_cross_entropy(logits, scores.target), self.score_logs(scores)
+        loss, accuracy = margin_softmax_cross_entropy(
+            scores.block(matmul_precision_of(self)), scores.target, self.margin, self.scale,
+            self.interclass_filtering_threshold, with_accuracy=collects_stats(self))
+        return loss, self.score_logs(scores, accuracy)
 
-    def score_logs(self, scores: ClassScores) -> dict:
-        """Top-1 accuracy of the global batch on the sampled cosines, and this rank's number of sampled classes."""
-        accuracy = dist_top1_correct(scores.cos, scores.target).to(scores.cos.dtype).mean()
-        return {"accuracy": accuracy, "num_sampled": scores.cos.shape[1]}
+    def score_logs(self, scores: ClassScores, accuracy: Tensor | None = None) -> dict:
+        """This rank's number of sampled classes, and (statistics steps) the top-1 accuracy of the global batch on
+        the sampled cosines."""
+        logs: dict = {"num_sampled": scores.num_sampled}
+        if accuracy is not None:
+            logs["accuracy"] = accuracy
+        return logs
 
     def forward(self, x_local: Tensor, labels_local: Tensor) -> tuple[Tensor, dict]:
         with no_autocast(x_local.device):

@@ -9,6 +9,9 @@
 
 Each builder reads its own keys with ``read_options``: unknown keys and bad values raise HeadConfigError naming the
 key (``head.<key>``). None values mean "the loss's default".
+
+Keys of every head, read here: ``matmul_precision`` (fp32 | tf32 | bf16, default fp32: the precision of the head's
+[N, D] x [D, K] products, heads/precision.py).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any, Callable
 from torch import nn
 
 from heads.partition import ClassPartition
+from heads.precision import MATMUL_PRECISIONS, set_matmul_precision
 
 HeadBuilder = Callable[[dict, int, int, ClassPartition, int], nn.Module]
 S2SBuilder = Callable[[dict, int, int, ClassPartition, int], tuple[nn.Module, dict]]
@@ -85,6 +89,14 @@ def build_head(cfg: dict, num_classes: int, embedding_size: int, partition: Clas
         options = {**{k: v for k, v in preset.items() if k != "loss"}, **options}
         loss = preset["loss"]
     s2s = options.pop("s2s", None)
+    precision = choice("matmul_precision", options.pop("matmul_precision", "fp32"), MATMUL_PRECISIONS)
+    head = _build(loss, s2s, options, num_classes, embedding_size, partition, seed)
+    set_matmul_precision(head, precision)
+    return head
+
+
+def _build(loss: str, s2s: Any, options: dict, num_classes: int, embedding_size: int, partition: ClassPartition,
+           seed: int) -> nn.Module:
     composite = {k: options.pop(k) for k in COMPOSITE_KEYS if k in options}
     s2s_options = {k: options.pop(k) for k in list(options) if k.startswith("s2s_")}
     if s2s is None:

@@ -21,6 +21,7 @@ class RowSparseRows:
 
     def _init_rows(self) -> None:
         self._pending: list[tuple[Tensor | None, Tensor]] = []  # (rows or None = all, leaf) since the last step
+        self._pending_versions: list[int] = []  # weight's version when each leaf's rows were taken
 
     def leaf_rows(self, index: Tensor | None, track: bool) -> Tensor:
         """weight[index] (all rows when None) as a new leaf; with ``track`` its gradient is kept for the optimizer."""
@@ -28,37 +29,55 @@ class RowSparseRows:
         leaf = rows.detach().requires_grad_(track)
         if track:
             self._pending.append((index, leaf))
+            self._pending_versions.append(self.weight._version)
         return leaf
 
-    def pop_row_grads(self) -> tuple[Tensor | None, Tensor] | None:
-        """(rows, grad) accumulated over the forwards since the last call, and forget them.
+    def pop_rows(self) -> tuple[Tensor | None, Tensor, Tensor | None] | None:
+        """(rows, grad, values) accumulated over the forwards since the last call, and forget them.
 
-        rows: sorted unique local indices, or None for every row; grad: [len(rows) or C_local, ...].
-        None when no forward produced a gradient.
+        rows: sorted unique local indices, or None for every row; grad: [len(rows) or C_local, ...]; values: the
+        current ``weight[rows]`` as the forward gathered them (a tensor the caller may update in place and write
+        back), or None when they must be read again (several forwards, or ``weight`` written since). None when no
+        forward produced a gradient.
         """
-        pending = [(index, leaf.grad) for index, leaf in self._pending if leaf.grad is not None]
-        self._pending.clear()
+        pending = [(index, leaf, version) for (index, leaf), version in zip(self._pending, self._pending_versions)
+                   if leaf.grad is not None]
+        self.clear_row_grads()
         if not pending:
             return None
         if len(pending) == 1:
-            return pending[0]
-        if any(index is None for index, _ in pending):
+            index, leaf, version = pending[0]
+            values = leaf.detach() if index is not None and version == self.weight._version else None
+            return index, leaf.grad, values
+        if any(index is None for index, _, _ in pending):
             grad = torch.zeros_like(self.weight)
-            for index, g in pending:
+            for index, leaf, _ in pending:
                 if index is None:
-                    grad.add_(g)
+                    grad.add_(leaf.grad)
                 else:
-                    grad.index_add_(0, index, g)
-            return None, grad
-        rows, inverse = torch.unique(torch.cat([index for index, _ in pending]), sorted=True, return_inverse=True)
+                    grad.index_add_(0, index, leaf.grad)
+            return None, grad, None
+        # several forwards (accumulation): their union of rows; torch.unique syncs, once per step, only here
+        rows, inverse = torch.unique(torch.cat([index for index, _, _ in pending]), sorted=True, return_inverse=True)
         grad = torch.zeros((rows.numel(), *self.weight.shape[1:]), dtype=self.weight.dtype,
                            device=self.weight.device)
-        grad.index_add_(0, inverse, torch.cat([g for _, g in pending]))
-        return rows, grad
+        grad.index_add_(0, inverse, torch.cat([leaf.grad for _, leaf, _ in pending]))
+        return rows, grad, None
+
+    def pop_row_grads(self) -> tuple[Tensor | None, Tensor] | None:
+        """(rows, grad) of :meth:`pop_rows`, without the gathered values."""
+        popped = self.pop_rows()
+        return None if popped is None else popped[:2]
+
+    def pending_grads(self) -> list[Tensor]:
+        """The row gradients of the forwards since the last step, without consuming them (the trainer's
+        non-finite check, trainer/guard.py)."""
+        return [entry[1].grad for entry in self._pending if entry[1].grad is not None]
 
     def clear_row_grads(self) -> None:
         """Drop the gradients of past forwards (zero_grad)."""
         self._pending.clear()
+        self._pending_versions.clear()
 
 
 class ClassBias(RowSparseRows, nn.Module):

@@ -14,7 +14,9 @@ computed by heads/memory_scores.py, value and gradient together in the forward (
 
 Data-driven bias (official code): when b <= 0, b <- mean_i logsumexp_{j != y}(s cos_ij) before the loss (USS), a
 global value, identical on all ranks. s2s BCE: when the mean of all class biases is <= 0, that value is ADDED to
-every class bias. The memory is written AFTER the loss (``after_loss``), from epoch 0 on, even while the term is not
+every class bias. Without a host sync: in every training step the value is computed from the block the loss scores
+anyway (heads/memory_scores.py: one logsumexp pass over it and two [N]-sized all-reduces) and the bias is written
+with torch.where (the same value when b > 0); the journal records it before each write. The memory is written AFTER the loss (``after_loss``), from epoch 0 on, even while the term is not
 yet part of the loss (heads/embedded.py), so it is full when the term starts.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from heads.bce import global_bce_mean, negatives_logsumexp_mean
+from heads.bce import global_bce_mean
 from heads.comm import all_reduce_sum_
 from heads.journal import Journaled
 from heads.margins import CombinedMargin, normalize
@@ -30,7 +32,9 @@ from heads.memory import LatestFeatureMemory
 from heads.memory_scores import bce_sum, softmax_mean
 from heads.partial_fc import ClassScores, ShardBatch
 from heads.partition import ClassPartition
+from heads.precision import matmul_precision_of
 from heads.rows import ClassBias
+from heads.stats import collects_stats
 
 
 class MemoryTerm(Journaled, nn.Module):
@@ -61,15 +65,12 @@ class MemoryTerm(Journaled, nn.Module):
     def learned_thresholds(self) -> dict[str, float]:
         return {}
 
-    def unit_batch(self, batch: ShardBatch, rows: Tensor) -> Tensor:
-        """X / |X| of the gathered batch in the memory's precision (with autograd: the gradient reaches X)."""
+    def unit_batch(self, batch: ShardBatch, rows: Tensor, scores: ClassScores | None = None) -> Tensor:
+        """X / |X| of the gathered batch in the memory's precision (with autograd: the gradient reaches X); the
+        sample-to-class head's when it made one in that precision."""
+        if scores is not None and scores.u is not None and scores.u.dtype == rows.dtype:
+            return scores.u
         return normalize(batch.X.to(rows.dtype))
-
-    def data_bias(self, batch: ShardBatch, scores: ClassScores, rows: Tensor, valid: Tensor) -> Tensor | None:
-        """mean_i logsumexp_{j != y_i}(s cos_ij) over the written columns of all ranks (None: no such column)."""
-        with torch.no_grad():
-            cos = normalize(batch.X.detach().to(rows.dtype)) @ rows.T
-            return negatives_logsumexp_mean(cos, scores.target, self.scale, valid)
 
 
 class USS(MemoryTerm):
@@ -87,16 +88,19 @@ class USS(MemoryTerm):
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
         rows, valid = self.memory.rows(scores.index)
-        if self.training and bool(self.bias.detach() <= 0):
-            data_bias = self.data_bias(batch, scores, rows, valid)
-            if data_bias is not None:
-                with torch.no_grad():
-                    self.journal(self.bias)
-                    self.bias.copy_(data_bias)
-        local = bce_sum(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, self.margin, self.bias,
-                        clamp=self.scale if self.clamp else None)
+        bias = self._bias_from_data if self.training else self.bias
+        local = bce_sum(self.unit_batch(batch, rows, scores), rows, valid, scores.target, self.scale, self.margin,
+                        bias, clamp=self.scale if self.clamp else None, precision=matmul_precision_of(self))
         b = self.bias.detach()
         return global_bce_mean(local, batch.size), {"b_uss": b.clone(), "t_uss": b / self.scale}
+
+    def _bias_from_data(self, data_bias: Tensor, exists: Tensor) -> Tensor:
+        """b <= 0 (and some row has a written negative): b <- the data-driven bias; else b unchanged."""
+        with torch.no_grad():
+            b = self.bias
+            self.journal(self.bias)
+            self.bias.copy_(torch.where((b <= 0) & exists, data_bias.to(b.dtype), b))
+        return self.bias
 
     def learned_thresholds(self) -> dict[str, float]:
         return {"t_uss": float(self.bias.detach()) / self.scale}
@@ -126,17 +130,26 @@ class S2SBCE(MemoryTerm):
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
         rows, valid = self.memory.rows(scores.index)
-        if self.training and bool(self.mean_bias() <= 0):
-            data_bias = self.data_bias(batch, scores, rows, valid)
-            if data_bias is not None:
-                with torch.no_grad():
+        track = self.training and torch.is_grad_enabled()
+        after_init: list[Tensor] = []
+        if self.training:
+            def bias(data_bias: Tensor, exists: Tensor) -> Tensor:
+                with torch.no_grad():  # mean of all class biases <= 0: add the data-driven bias to every one
+                    mean_b = self.mean_bias()
+                    add = torch.where((mean_b <= 0) & exists, data_bias.to(mean_b.dtype), 0.0)
                     self.journal(self.class_bias.weight)
-                    self.class_bias.weight.add_(data_bias.to(self.class_bias.weight.dtype))
-        bias = self.class_bias.leaf_rows(scores.index, track=self.training and torch.is_grad_enabled())
-        local = bce_sum(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, self.margin, bias,
-                        clamp=self.scale if self.clamp else None)
-        mean_b = self.mean_bias()
-        return global_bce_mean(local, batch.size), {"b_s2s_mean": mean_b, "t_s2s_mean": mean_b / self.scale}
+                    self.class_bias.weight.add_(add)
+                    after_init.append(mean_b + add)
+                return self.class_bias.leaf_rows(scores.index, track=track)
+        else:
+            bias = self.class_bias.leaf_rows(scores.index, track=track)
+        local = bce_sum(self.unit_batch(batch, rows, scores), rows, valid, scores.target, self.scale, self.margin,
+                        bias, clamp=self.scale if self.clamp else None, precision=matmul_precision_of(self))
+        logs = {}
+        mean_b = after_init[0] if after_init else (self.mean_bias() if collects_stats(self) else None)
+        if mean_b is not None:
+            logs = {"b_s2s_mean": mean_b, "t_s2s_mean": mean_b / self.scale}
+        return global_bce_mean(local, batch.size), logs
 
     def learned_thresholds(self) -> dict[str, float]:
         return {"t_s2s_mean": float(self.mean_bias()) / self.scale}
@@ -160,7 +173,8 @@ class S2SSoftmax(MemoryTerm):
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
         rows, valid = self.memory.rows(scores.index)
         margin = CombinedMargin(1.0, 0.0, self.margin)
-        return softmax_mean(self.unit_batch(batch, rows), rows, valid, scores.target, self.scale, margin), {}
+        return softmax_mean(self.unit_batch(batch, rows, scores), rows, valid, scores.target, self.scale, margin,
+                            precision=matmul_precision_of(self)), {}
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, margin={self.margin}"
