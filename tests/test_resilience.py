@@ -231,3 +231,32 @@ def test_checkpoint_for_another_class_count_and_missing_engine_file_are_clear(da
     assert p.returncode != 0
     assert "DeepSpeed file mp_rank_00_model_states.pt is missing" in p.stdout + p.stderr
     assert "Traceback" not in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_under_the_deepspeed_launcher_a_signalled_launcher_still_leaves_a_checkpoint(data_dir, tmp_path, sig):
+    """`deepspeed --no_python ./run.sh`: DeepSpeed's node launcher terminates the ranks on SIGTERM (they save first)
+    and dies of SIGUSR1 (the orphaned ranks get SIGTERM from the kernel and save). Its exit code is DeepSpeed's."""
+    from tests.distributed import free_port
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        env.pop(k, None)
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2", "--master_port",
+                             str(free_port()), "--no_python", "./run.sh", "configs/base.yaml", *TINY,
+                             f"data.root={data_dir}", f"output={out}", "train.epochs=200", "train.log_every=1"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    wait_for_step(out, 3, proc)
+    # `deepspeed` (the runner) starts one deepspeed.launcher.launch per node, which starts the ranks.
+    node_launcher, = [p for p in psutil.Process(proc.pid).children() if "deepspeed.launcher.launch" in
+                      " ".join(p.cmdline())]
+    ranks = node_launcher.children()
+    assert len(ranks) == 2
+    node_launcher.send_signal(getattr(signal, sig))
+    finish(proc, timeout=90)
+    gone, alive = psutil.wait_procs(ranks, timeout=60)
+    assert not alive
+    meta = latest_meta(out)
+    assert meta["global_step"] >= 3 and meta["tag"].startswith(("step_", "epoch_"))
+    assert "saving a checkpoint at step" in (out / "train.log").read_text()

@@ -39,17 +39,31 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
+def _set_parent_death_signal(sig: int) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
+
+
+def stop_with_parent() -> None:
+    """Linux: SIGTERM to this rank when its parent dies — under the DeepSpeed launcher, which dies of a SIGUSR1 it
+    has no handler for (and exits at once on SIGTERM), the orphaned ranks then save a checkpoint and stop instead of
+    training on unattended."""
+    parent = os.getppid()
+    if _set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent died before the request took effect
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Linux: deliver SIGKILL to this process when its parent (the launcher, ``parent_pid``) dies, however it dies.
 
     For ``subprocess.Popen(preexec_fn=...)``: set between fork and exec, kept across exec. If the launcher died
     before this ran, the process ends at once.
     """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the launcher's own cleanup still ends its ranks
-        return
+    if not _set_parent_death_signal(signal.SIGKILL):
+        return  # not Linux: the launcher's own cleanup still ends its ranks
     if os.getppid() != parent_pid:
         os._exit(1)

@@ -20,7 +20,7 @@ from trainer.guard import StepGuard
 from trainer.log import Meter, setup_logging
 from trainer.runlock import RunLock, RunLockError
 from trainer.schedule import schedule_from_config
-from trainer.signals import PreemptionFlag
+from trainer.signals import PreemptionFlag, stop_with_parent
 from trainer.watchdog import EXIT_HUNG, Watchdog
 
 
@@ -300,6 +300,8 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
     meter = Meter(global_batch, total_steps)
     last_loss = float("nan")
     preempt = PreemptionFlag()
+    if env.launcher == "deepspeed":
+        stop_with_parent()  # the DeepSpeed launcher gone (SIGUSR1 kills it): save and stop, not train on alone
     guard = StepGuard(engine, head, head_opt, max_consecutive=t["max_nonfinite_steps"])
     clock = CheckpointClock(t["checkpoint_every_steps"], t["checkpoint_every_minutes"], env.rank)
     engine.train()
