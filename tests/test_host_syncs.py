@@ -136,3 +136,11 @@ def test_the_counter_sees_what_it_claims():
         torch.tensor([1.0])  # host data staying on the host
     assert s.total == 0, s.report()
     assert torch.Tensor.__bool__ is torch._C.TensorBase.__bool__  # patches undone
+
+
+def test_sampling_with_fewer_sampled_classes_than_samples_makes_its_one_documented_sync():
+    """int(r * C_local) <= min(N, C_local): the positives may outnumber the sample size, their count sets the output
+    size (heads/partial_fc.py): exactly one sync per step, in sample_classes."""
+    got = step_syncs(0, 1, {"loss": "cosface", "sample_rate": 0.01}, steps=2)  # 10 sampled classes, N = 12
+    assert got["forward_backward"] == [1, 1] and got["optimizer"] == [0, 0], got["sites"]
+    assert "sample_classes" in got["sites"][0] and "Tensor.__int__" in got["sites"][0]
