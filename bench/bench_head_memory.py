@@ -11,6 +11,15 @@ weight decay 5e-4). They differ in where the centres live:
   materialises a dense [num_local, D] gradient and torch SGD keeps a dense momentum; weight decay moves every row.
 Reported per rank: peak resident memory above the process's baseline (after imports, before the head exists), the
 analytic size of one shard (num_local x D x 4 bytes), the ratio peak / shard, and the mean step time.
+
+    ./run.sh python -m bench.bench_head_memory --per-family [--classes 100000 --sample-rate 1.0 --batch 256]
+
+``--per-family``: the transient working set of one head step per loss family instead: the peak resident memory during
+a steady-state step (forward, backward, head optimizer step, zero_grad; statistics off, as on a non-log step) above
+the resident memory right before it. Linux's peak-RSS counter is reset before each measured step
+(/proc/self/clear_refs), and glibc's mmap threshold is fixed so that freed buffers leave the resident set. What it
+measures is what the step allocates: the [N, K] blocks of the scores, the [K, D] rows and their gradients; not the
+head's state (weights, momentum, memory rows), reported apart.
 """
 from __future__ import annotations
 
@@ -81,6 +90,105 @@ def _run_variant(rank: int, world: int, kind: str, C: int, D: int, B: int, rate:
             "peak_above_base_mb": _peak_mb() - base, "step_s": sum(times) / max(len(times), 1)}
 
 
+def _status_mb() -> dict[str, float]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def _fix_malloc() -> None:
+    """glibc: every allocation above 64 KiB is its own mapping, returned to the system when freed (no dynamic
+    threshold keeping freed blocks in the heap), so the resident set follows the live tensors."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
+FAMILIES = {"cosface": {"loss": "cosface"}, "arcface": {"loss": "arcface"}, "uce": {"loss": "uce"},
+            "gb_cosface": {"loss": "gb_cosface"}, "unitsface": {"loss": "unitsface"},
+            "cosface_s2s_bce": {"loss": "cosface_s2s_bce"}, "cosface_s2s_softmax": {"loss": "cosface_s2s_softmax"},
+            "epl": {"loss": "epl"}}
+
+
+def _run_family(rank: int, world: int, cfg: dict, C: int, D: int, B: int, steps: int) -> dict:
+    import gc
+
+    import heads
+    from heads import EmbeddedLoss, build_head
+    from heads.optim import HeadOptimizer
+    from heads.partition import ClassPartition
+
+    _fix_malloc()
+    head = build_head(cfg, C, D, ClassPartition(C, world, rank), seed=0)
+    if isinstance(head, EmbeddedLoss):  # a full memory, the term on
+        memory = head.s2s.memory
+        rows = memory.features if hasattr(memory, "features") else memory.prototypes
+        g = torch.Generator().manual_seed(rank)
+        for start in range(0, rows.shape[0], 65536):
+            block = rows[start:start + 65536]
+            block.copy_(torch.nn.functional.normalize(torch.randn(block.shape, generator=g), dim=1))
+        memory.valid.fill_(True)
+        head.set_epoch(head.start_epoch)
+    if hasattr(heads, "set_collect_stats"):
+        heads.set_collect_stats(head, False)
+    opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    state_mb = sum(t.numel() * t.element_size() for t in list(head.buffers()) + list(head.parameters())) / 2 ** 20
+    g = torch.Generator().manual_seed(100 + rank)
+    peaks, times = [], []
+    for step in range(2 + steps):
+        x = torch.randn(B, D, generator=g).requires_grad_(True)
+        y = torch.randint(0, C, (B,), generator=g)
+        gc.collect()
+        rest = _status_mb()["VmRSS"]
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak-RSS counter restarts from the current resident set
+        t0 = time.perf_counter()
+        loss, _ = head(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        dt = time.perf_counter() - t0
+        peak = _status_mb()["VmHWM"]
+        del loss, x
+        if step >= 2:  # after the warm-up steps (first-call checks, lazily created state)
+            peaks.append(peak - rest)
+            times.append(dt)
+    return {"state_mb": state_mb, "step_peak_mb": max(peaks), "step_s": sorted(times)[len(times) // 2]}
+
+
+def per_family(a) -> str:
+    from prettytable import PrettyTable
+
+    from tests.distributed import run_ranks
+
+    N = a.ranks * a.batch
+    k = a.classes // a.ranks if a.sample_rate >= 1 else int(a.sample_rate * (a.classes // a.ranks))
+    t = PrettyTable(["family", "head state (MB/rank)", "step peak above rest (MB/rank)", "in [N, K] blocks",
+                     "step (s)"])
+    block_mb = N * k * 4 / 2 ** 20
+    for name in a.families:
+        cfg = {**FAMILIES[name], "sample_rate": a.sample_rate}
+        res = run_ranks(_run_family, a.ranks, cfg, a.classes, a.dim, a.batch, a.steps, timeout=3600)
+        r = max(res, key=lambda r: r["step_peak_mb"])
+        t.add_row([name, f"{r['state_mb']:.0f}", f"{r['step_peak_mb']:.0f}", f"{r['step_peak_mb'] / block_mb:.1f}",
+                   f"{r['step_s']:.2f}"])
+        print(f"{name}: step peak {r['step_peak_mb']:.0f} MB", flush=True)
+    machine = (f"{platform.machine()} CPU container, {psutil.cpu_count()} cores, "
+               f"{psutil.virtual_memory().total / 2 ** 30:.0f} GiB RAM, torch {torch.__version__}")
+    return (f"Head step working set per loss family: {a.classes:,} classes, D={a.dim}, {a.ranks} gloo ranks, batch "
+            f"{a.batch}/rank (N={N}), sample_rate {a.sample_rate} (K={k} sampled classes per rank: one [N, K] "
+            f"float32 block = {block_mb:.0f} MB), statistics off; per rank the largest step peak of "
+            f"{a.steps} steps after 2 warm-up steps\nmachine: {machine}\n{t.get_string()}\n")
+
+
 def main(argv=None) -> str:
     from prettytable import PrettyTable
 
@@ -94,7 +202,17 @@ def main(argv=None) -> str:
     ap.add_argument("--sample-rate", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--per-family", action="store_true",
+                    help="the working set of one head step per loss family (see the module docstring)")
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     a = ap.parse_args(argv)
+    if a.per_family:
+        text = per_family(a)
+        print(text)
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(text)
+        return text
 
     rows = {}
     for kind in ("sparse", "dense"):

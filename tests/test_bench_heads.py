@@ -20,9 +20,37 @@ def test_head_benchmark_runs_and_reports_ratios_and_the_memory_term_floor(tmp_pa
     assert "command: python -m bench.bench_heads --settings 4000:0.5" in text and "floor" in text.splitlines()[3]
 
 
-def test_head_benchmark_refuses_cuda_without_a_gpu_or_with_several_ranks(capsys):
-    import torch
-    args = ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda", "--world-size", "2"]
+def test_head_benchmark_refuses_several_ranks_on_cuda(capsys):
     with pytest.raises(SystemExit):
-        bench_heads.main(args)
-    assert "--device cuda" in capsys.readouterr().err
+        bench_heads.main(["--device", "cuda", "--world-size", "2"])
+    assert "--device cuda measures one GPU" in capsys.readouterr().err
+
+
+CUDA_CALLS = ("is_available", "device_count", "get_device_name", "get_device_properties", "init", "_lazy_init",
+              "set_device", "current_device", "synchronize", "reset_peak_memory_stats", "max_memory_allocated",
+              "memory_allocated", "mem_get_info")
+
+
+def test_cuda_benchmark_never_touches_cuda_in_the_parent_and_spawns_its_ranks(monkeypatch, capsys):
+    """"Cannot re-initialize CUDA in forked subprocess": the parent must not initialise CUDA before its ranks start,
+    and the ranks must be spawned. Here every torch.cuda entry point of the parent is watched; without a GPU the
+    spawned probe rank reports that there is none (with one, the benchmark runs)."""
+    import multiprocessing
+
+    import torch
+
+    from bench import ranks
+    called, methods = [], []
+    for name in CUDA_CALLS:
+        if hasattr(torch.cuda, name):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name, **k: called.append(_n))
+    real_get_context = multiprocessing.get_context
+    monkeypatch.setattr(ranks.mp, "get_context", lambda method=None: methods.append(method) or real_get_context(method))
+    try:
+        rows = bench_heads.main(["--device", "cuda", "--settings", "2000:0.5", "--families", "cosface", "--steps", "1",
+                                 "--dim", "32", "--batch", "16", "--world-size", "1"])
+        assert rows and rows[0]["family"] == "cosface"  # a GPU was there
+    except SystemExit:
+        assert "no CUDA device is visible to torch" in capsys.readouterr().err
+    assert called == []  # the parent made no torch.cuda call
+    assert methods and set(methods) == {"spawn"}

@@ -1,0 +1,102 @@
+"""Benchmark ranks in fresh processes: CPU ranks on gloo (forked), GPU ranks spawned.
+
+    results = run_ranks(fn, world_size, *args, start_method="spawn", backend="gloo")
+
+``fn(rank, world_size, *args)`` runs in every rank; the return values come back in rank order. A CUDA benchmark must
+use ``spawn``: a forked child of a process that touched CUDA fails with "Cannot re-initialize CUDA in forked
+subprocess", so the parent of a GPU benchmark never calls ``torch.cuda`` itself; its ranks do, and report what they
+found (device name, peak memory). ``spawn`` starts a new interpreter: ``fn`` and ``args`` must be picklable
+(module-level functions). ``fork`` is cheaper and is what CPU runs use.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import socket
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable
+
+
+class RankError(RuntimeError):
+    """A rank raised, or did not answer in time; the message holds its traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(conn: Connection, fn: Callable[..., Any], rank: int, world_size: int, port: int, timeout: float,
+           backend: str, threads: int | None, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout))
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        message = pickle.dumps(("ok", result))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        message = pickle.dumps(("error", traceback.format_exc()))
+    try:
+        conn.send_bytes(message)
+    finally:
+        conn.close()
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, start_method: str = "fork",
+              backend: str = "gloo", threads: int | None = 1, timeout: float = 3600) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; their return values in rank order."""
+    if start_method not in ("fork", "spawn", "forkserver"):
+        raise ValueError(f"run_ranks: start_method must be fork, spawn or forkserver, got {start_method!r}")
+    ctx = mp.get_context(start_method)
+    port = free_port()
+    conns, procs = [], []
+    for rank in range(world_size):
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_child, args=(child_end, fn, rank, world_size, port, timeout, backend, threads, args),
+                        daemon=True)
+        p.start()
+        child_end.close()
+        conns.append(parent_end)
+        procs.append(p)
+    results: dict[int, Any] = {}
+    finished = False
+    deadline = time.monotonic() + timeout
+    try:
+        waiting = {c: r for r, c in enumerate(conns)}
+        while waiting:
+            ready = wait(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise RankError(f"ranks {sorted(waiting.values())} of {world_size} did not finish within "
+                                f"{timeout:.0f} s")
+            for c in ready:
+                rank = waiting.pop(c)
+                try:
+                    status, payload = pickle.loads(c.recv_bytes())
+                except EOFError:
+                    procs[rank].join(5)
+                    raise RankError(f"rank {rank} of {world_size} died without an answer (exit code "
+                                    f"{procs[rank].exitcode})") from None
+                if status == "error":
+                    raise RankError(f"rank {rank} of {world_size} raised:\n{payload}")
+                results[rank] = payload
+        finished = True
+    finally:
+        for p in procs:
+            p.join(timeout=10 if finished else 0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for c in conns:
+            c.close()
+    return [results[r] for r in range(world_size)]
