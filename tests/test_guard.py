@@ -45,7 +45,8 @@ def _run(rank, world, zero_stage, loss_name, bad_rank):
     prepare_deepspeed(torch.device("cpu"))
     torch.manual_seed(0)
     backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
-    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.zero_stage={zero_stage}"])
+    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.zero_stage={zero_stage}",
+                             "deepspeed.gradient_clipping=0"])  # clipping: see the test below
     engine, _ = build_engine(backbone, cfg, world)
     head = heads.build_head({"loss": loss_name, "scale": 16.0, **({"s2s_start_epoch": 0} if loss_name == "unitsface"
                                                                     else {})},
@@ -96,7 +97,8 @@ def _reference(rank, world, zero_stage, loss_name):
     prepare_deepspeed(torch.device("cpu"))
     torch.manual_seed(0)
     backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
-    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.zero_stage={zero_stage}"])
+    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.zero_stage={zero_stage}",
+                             "deepspeed.gradient_clipping=0"])  # clipping: see the test below
     engine, _ = build_engine(backbone, cfg, world)
     head = heads.build_head({"loss": loss_name, "scale": 16.0, **({"s2s_start_epoch": 0} if loss_name == "unitsface"
                                                                     else {})},
@@ -168,3 +170,96 @@ def test_k_non_finite_steps_in_a_row_end_the_run_naming_the_step_and_the_records
         assert steps == 3
         assert "3 non-finite steps in a row" in message and "the last at step 3" in message
         assert f"[{100 + rank}, {200 + rank}]" in message
+
+
+def _count_step_syncs(rank, world, loss_name, clipping):
+    import os
+
+    import backbones
+    import heads
+    from heads.optim import HeadOptimizer
+    from heads.partition import ClassPartition
+    from tests.sync_count import count_syncs
+    from trainer.config import load_config
+    from trainer.distributed import prepare_deepspeed
+    from trainer.engine import build_engine
+    from trainer.guard import StepGuard
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    prepare_deepspeed(torch.device("cpu"))
+    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
+    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.gradient_clipping={clipping}"])
+    engine, _ = build_engine(backbone, cfg, world)
+    head = heads.build_head({"loss": loss_name, "scale": 16.0}, num_classes=C, embedding_size=D,
+                            partition=ClassPartition(C, world, rank), seed=0)
+    head_opt = HeadOptimizer(head, lr=0.1)
+    guard = StepGuard(engine, head, head_opt)
+    g = torch.Generator().manual_seed(rank)
+    counts = []
+    for k in range(3):  # the first step settles shape checks and the data-set biases
+        x, y = torch.rand(B, 3, 112, 112, generator=g), torch.randint(0, C, (B,), generator=g)
+        heads.set_collect_stats(head, False)  # a step that is not a log step
+        with count_syncs() as syncs:
+            guard.before_forward()
+            loss, _ = head(engine(x), y)
+            engine.backward(loss)
+            assert guard.apply(guard.agree(loss, stop=False, checkpoint=False))
+        counts.append((syncs.total, syncs.report()))
+    return counts[1:]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("loss_name", ["cosface", "unitsface", "epl", "gb_cosface", "cosface_s2s_bce"])
+def test_a_training_step_that_is_not_a_log_step_makes_one_host_sync(loss_name):
+    """The guard's agreed flags are the step's only host sync: backbone forward/backward through DeepSpeed (ZeRO 0,
+    gradient clipping as shipped), the head, the non-finite check, both optimizer steps."""
+    for rank, counts in enumerate(run_ranks(_count_step_syncs, 2, loss_name, 5.0, timeout=300)):
+        for total, report in counts:
+            assert total == 1, f"rank {rank}: {report}"
+
+
+def _clipped(rank, world, use_guard):
+    import os
+
+    import backbones
+    import heads
+    from heads.optim import HeadOptimizer
+    from heads.partition import ClassPartition
+    from trainer.config import load_config
+    from trainer.distributed import prepare_deepspeed
+    from trainer.engine import build_engine
+    from trainer.guard import StepGuard
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    prepare_deepspeed(torch.device("cpu"))
+    torch.manual_seed(0)
+    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
+    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", "deepspeed.gradient_clipping=0.05"])
+    engine, _ = build_engine(backbone, cfg, world)
+    head = heads.build_head({"loss": "cosface", "scale": 16.0}, num_classes=C, embedding_size=D,
+                            partition=ClassPartition(C, world, rank), seed=0)
+    head_opt = HeadOptimizer(head, lr=0.1)
+    guard = StepGuard(engine, head, head_opt) if use_guard else None
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        x, y = torch.rand(B, 3, 112, 112, generator=g), torch.randint(0, C, (B,), generator=g)
+        loss, _ = head(engine(x), y)
+        engine.backward(loss)
+        if use_guard:
+            assert guard.apply(guard.agree(loss, stop=False, checkpoint=False))
+        else:
+            engine.step()
+            head_opt.step()
+            head_opt.zero_grad()
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+@pytest.mark.multirank
+def test_the_guard_clips_the_backbone_gradient_as_deepspeed_does():
+    """ZeRO 0: the clip moved from DeepSpeed into the guard (device-side, no host sync) keeps DeepSpeed's rule
+    min(1, max_norm / (norm + 1e-6)); a max_norm of 0.05 clips every step here."""
+    mine = run_ranks(_clipped, 2, True, timeout=300)
+    theirs = run_ranks(_clipped, 2, False, timeout=300)
+    for a, b in zip(mine, theirs):
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)

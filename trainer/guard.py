@@ -47,6 +47,13 @@ class StepGuard:
         self.zero_stage = int(engine.zero_optimization_stage())
         if self.zero_stage >= 1:
             engine.optimizer.check_grad_overflow = True  # DeepSpeed skips a non-finite backbone step itself
+        # ZeRO 0: the gradient-norm clip is done here, on the device (torch's clip_grad_norm_: coefficient
+        # min(1, max_norm / (norm + 1e-6)), the same rule as DeepSpeed's), instead of by DeepSpeed, whose version
+        # copies two Python numbers to the device per step (two host syncs on a GPU).
+        self.clip = 0.0
+        if self.zero_stage == 0 and engine.gradient_clipping() > 0:
+            self.clip = float(engine.gradient_clipping())
+            engine._config.gradient_clipping = 0.0
         self._buffers = [b for b in engine.module.buffers()]
         self._saved = [b.detach().clone() for b in self._buffers]
         device = next(engine.module.parameters()).device
@@ -99,6 +106,9 @@ class StepGuard:
             self._skip_backbone()
             self._undo()
             return False
+        if self.clip:
+            grads = [p for p in self.engine.module.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, self.clip, foreach=True)
         self.engine.step()
         if not self.engine.was_step_applied():  # ZeRO >= 1: DeepSpeed found non-finite partitions
             self._undo()

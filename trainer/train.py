@@ -321,6 +321,7 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
             lr = lr_of(global_step)
             set_lr(lr, backbone_opt, head_opt)
             log_step = (global_step + 1) % t["log_every"] == 0 or global_step + 1 == total_steps
+            heads.set_collect_stats(head, log_step)  # accuracy, memory fill: computed on log steps only
             guard.before_forward()
             embeddings = engine(images)
             loss, logs = head(embeddings, labels)
