@@ -151,8 +151,10 @@ class CosineBlock:
         return self.cos.shape[0], self.cos.shape[1]
 
     def column_dots(self, G: Tensor) -> Tensor:
-        """c_j = sum_i G_ij cos_ij [K]. Overwrites ``cos`` (call it last)."""
-        return self.cos.mul_(G).sum(0)
+        """c_j = sum_i G_ij cos_ij [K]. Consumes ``cos`` (the block lets go of it: with no other reference left, its
+        memory is free for the products that follow)."""
+        cos, self.cos = self.cos, None
+        return cos.mul_(G).sum(0)
 
     @torch.no_grad()
     def gradients(self, G: Tensor, c: Tensor) -> tuple[Tensor | None, Tensor | None]:

@@ -98,6 +98,7 @@ class GBCosFace(Journaled, PartialFC):
                 if filtered is not None:
                     G.masked_fill_(filtered, 0.0)
                 put_targets(G, tcol, owned, d_cp)                        # dc_p/dcos_iy = 1
+                del cos, e, z, filtered  # the block's cosines are freed by column_dots
                 grad_u, grad_w = block.gradients(G, block.column_dots(G))
         if need:
             loss = with_gradients(loss, [(block.u, grad_u), (block.w, grad_w)])

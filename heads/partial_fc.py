@@ -145,6 +145,7 @@ def margin_softmax_cross_entropy(block: CosineBlock, target: Tensor, margin: Tar
         if filtered is not None:
             G.masked_fill_(filtered, 0.0)
         put_targets(G, tcol, owned, (take_targets(G, tcol) - scale / n) * slope)
+        del cos, e, z  # the block's cosines are freed by column_dots
         grad_u, grad_w = block.gradients(G, block.column_dots(G))
     return with_gradients(loss, [(block.u, grad_u), (block.w, grad_w)]), accuracy
 

@@ -92,6 +92,7 @@ def uniform_bce(block: CosineBlock, target: Tensor, margin: TargetMargin, scale:
         if filtered is not None:
             G.masked_fill_(filtered, 0.0)
         put_targets(G, tcol, owned, -scale * slope * gp)             # dL/dcos_iy = -s m'(cos_y) dL/dzp_i
+        del cos, z, outside, filtered  # the block's cosines are freed by column_dots
         grad_u, grad_w = block.gradients(G, block.column_dots(G))
     return with_gradients(loss, [(block.u, grad_u), (block.w, grad_w), (bias, grad_b)]), accuracy
 
