@@ -66,7 +66,7 @@ def list_models() -> list[str]:
 def get_model(name: str, **kwargs) -> nn.Module:
     """Build the backbone registered under `name` with the constructor's keyword arguments.
 
-    All models take num_features (512), dropout (0.0) and autocast_dtype (None | "fp32" | "bf16");
+    All models take num_features (512), dropout (0.0) and autocast_dtype (None | "fp32" | "bf16" | "fp16");
     "iresnet_tiny" also takes depths, widths, stem_width, stem_stride and input_size.
     """
     if name not in MODELS:

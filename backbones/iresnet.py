@@ -13,9 +13,10 @@ Parameter / buffer names and shapes equal arcface_torch's `backbones/iresnet.py`
 strictly. BatchNorm: eps 1e-5, momentum 0.1 (PyTorch's default, which arcface_torch keeps). Initialisation as
 arcface_torch: conv weights ~ N(0, 0.1), BN weight 1 / bias 0, `features.weight` fixed at 1 and not trained.
 
-Precision: the trunk (stem .. dropout) runs under bf16 autocast only when `autocast_dtype == "bf16"` and the input
-is on CUDA; on any other device it runs in fp32. fc and features always run in fp32 (autocast disabled around them),
-so the embedding is float32 whatever the trunk did.
+Precision: the trunk (stem .. dropout) runs under bf16 (`autocast_dtype == "bf16"`) or fp16 ("fp16": GPUs without
+bf16 tensor cores; the trainer scales the loss) autocast only when the input is on CUDA; on any other device it runs
+in fp32. fc and features always run in fp32 (autocast disabled around them), so the embedding is float32 whatever
+the trunk did.
 
 The same class builds small variants (narrower stages, fewer blocks, a strided stem) for CPU demos.
 """
@@ -31,7 +32,8 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 CONV_INIT_STD = 0.1
 
-AUTOCAST_CHOICES = (None, "fp32", "bf16")
+AUTOCAST_CHOICES = (None, "fp32", "bf16", "fp16")
+_AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -54,18 +56,19 @@ def conv_out_size(size: int, stride: int) -> int:
 
 
 def trunk_autocast_enabled(device_type: str, autocast_dtype: str | None) -> bool:
-    """bf16 autocast for the trunk only when asked for ("bf16") and the input is on CUDA; fp32 everywhere else."""
-    return autocast_dtype == "bf16" and device_type == "cuda"
+    """bf16 / fp16 autocast for the trunk only when asked for and the input is on CUDA; fp32 everywhere else."""
+    return autocast_dtype in _AUTOCAST_TYPES and device_type == "cuda"
 
 
 def trunk_autocast(device_type: str, autocast_dtype: str | None) -> torch.autocast:
-    """The autocast context the trunk runs under (bf16 or explicitly disabled).
+    """The autocast context the trunk runs under (bf16, fp16 or explicitly disabled).
 
     Disabling (rather than not entering) autocast makes `autocast_dtype` the single source of truth even inside
     an outer autocast region.
     """
     enabled = trunk_autocast_enabled(device_type, autocast_dtype)
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device_type=device_type, dtype=_AUTOCAST_TYPES.get(autocast_dtype, torch.bfloat16),
+                          enabled=enabled)
 
 
 class IBasicBlock(nn.Module):
@@ -99,7 +102,7 @@ class IResNet(nn.Module):
         stem_stride: stride of the stem conv (arcface_torch: 1; 2 quarters the cost of small demo models).
         num_features: embedding size.
         dropout: dropout probability before fc.
-        autocast_dtype: None / "fp32" (trunk in fp32) or "bf16" (trunk under bf16 autocast on CUDA).
+        autocast_dtype: None / "fp32" (trunk in fp32), "bf16" or "fp16" (trunk under that autocast on CUDA).
         input_size: side of the square input image; fixes the fc input size (112 -> 7x7 for stem_stride 1).
     """
 
@@ -129,7 +132,7 @@ class IResNet(nn.Module):
             raise ValueError(f"IResNet: dropout must be in [0, 1), got {dropout}")
         if autocast_dtype not in AUTOCAST_CHOICES:
             raise ValueError(
-                f"IResNet: autocast_dtype must be one of {AUTOCAST_CHOICES} (fp16 is not offered), "
+                f"IResNet: autocast_dtype must be one of {AUTOCAST_CHOICES}, "
                 f"got {autocast_dtype!r}"
             )
         self.autocast_dtype = autocast_dtype

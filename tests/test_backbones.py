@@ -257,9 +257,19 @@ def test_unknown_kwarg_is_named():
         get_model("r50", widths=[8, 8, 8, 8])
 
 
-def test_fp16_is_refused():
-    with pytest.raises(ValueError, match="fp16 is not offered"):
-        get_model("iresnet_tiny", autocast_dtype="fp16")
+def test_trunk_autocast_follows_the_choice_on_cuda_and_stays_fp32_elsewhere():
+    from backbones.iresnet import trunk_autocast, trunk_autocast_enabled
+    assert trunk_autocast_enabled("cuda", "fp16") and trunk_autocast_enabled("cuda", "bf16")
+    assert not any(trunk_autocast_enabled("cpu", d) for d in (None, "fp32", "bf16", "fp16"))
+    assert trunk_autocast("cuda", "fp16").fast_dtype == torch.float16
+    assert trunk_autocast("cuda", "bf16").fast_dtype == torch.bfloat16
+    model = get_model("iresnet_tiny", autocast_dtype="fp16").eval()  # on CPU: the fp32 model, bit for bit
+    ref = get_model("iresnet_tiny").eval()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 112, 112)
+    assert torch.equal(model(x), ref(x))
+    with pytest.raises(ValueError, match="autocast_dtype must be one of"):
+        get_model("iresnet_tiny", autocast_dtype="fp8")
 
 
 def test_kwargs_reach_the_model():

@@ -36,8 +36,10 @@ def test_type_and_value_errors():
         load_config(None, ["data.root=x", "train.batch_size=big"])
     with pytest.raises(ConfigError, match=r"`head.sample_rate`: must be within \[0, 1\]"):
         load_config(None, ["data.root=x", "head.sample_rate=1.5"])
-    with pytest.raises(ConfigError, match=r"`model.precision`: must be auto, fp32 or bf16"):
-        load_config(None, ["data.root=x", "model.precision=fp16"])
+    with pytest.raises(ConfigError, match=r"`model.precision`: must be auto, fp32, bf16 or fp16"):
+        load_config(None, ["data.root=x", "model.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"`model.loss_scale`: must be > 0"):
+        load_config(None, ["data.root=x", "model.loss_scale=0.0"])
     with pytest.raises(ConfigError, match=r"`data.root`: is required"):
         load_config(None, [])
     with pytest.raises(ConfigError, match="expected key=value"):

@@ -263,3 +263,62 @@ def test_the_guard_clips_the_backbone_gradient_as_deepspeed_does():
     for a, b in zip(mine, theirs):
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def _scaled_run(rank, world, loss_scale, steps):
+    import os
+
+    import backbones
+    import heads
+    from heads.optim import HeadOptimizer
+    from heads.partition import ClassPartition
+    from trainer.config import load_config
+    from trainer.distributed import prepare_deepspeed
+    from trainer.engine import build_engine
+    from trainer.guard import StepGuard
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    prepare_deepspeed(torch.device("cpu"))
+    torch.manual_seed(0)
+    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
+    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}"])
+    engine, _ = build_engine(backbone, cfg, world)
+    head = heads.build_head({"loss": "unitsface", "scale": 16.0, "s2s_start_epoch": 0}, num_classes=C,
+                            embedding_size=D, partition=ClassPartition(C, world, rank), seed=3)
+    head_opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    guard = StepGuard(engine, head, head_opt, max_consecutive=2, loss_scale=loss_scale, growth_interval=2)
+    g = torch.Generator().manual_seed(10 + rank)
+    applied, scales = [], []
+    for _ in range(steps):
+        x, y = torch.rand(B, 3, 112, 112, generator=g) * 2 - 1, torch.randint(0, C, (B,), generator=g)
+        guard.before_forward()
+        loss, _ = head(engine(x), y)
+        engine.backward(guard.scale_loss(loss))
+        applied.append(guard.apply(guard.agree(loss, stop=False, checkpoint=False)))
+        scales.append(None if guard.scale is None else float(guard.scale))
+    return applied, scales, _state(engine, head, head_opt), guard.state_dict(), guard.consecutive
+
+
+@pytest.mark.multirank
+def test_fp16_loss_scaling_trains_bit_exactly_like_fp32_and_grows_the_scale():
+    """A power-of-two loss scale is exact: the unscaled gradients, and so the whole run, equal the unscaled run
+    bit for bit (on CPU the trunk stays fp32, so only the scaling differs). The scale doubles every 2 good steps."""
+    plain = run_ranks(_scaled_run, 2, None, 4, timeout=300)
+    scaled = run_ranks(_scaled_run, 2, 1024.0, 4, timeout=300)
+    for (a_applied, _, a_state, _, _), (b_applied, b_scales, b_state, b_saved, _) in zip(plain, scaled):
+        assert a_applied == b_applied == [True] * 4
+        assert b_scales == [1024.0, 2048.0, 2048.0, 4096.0]
+        assert float(b_saved["loss_scale"]) == 4096.0
+        for k in a_state:
+            assert torch.equal(a_state[k], b_state[k]), k
+
+
+@pytest.mark.multirank
+def test_fp16_overflow_skips_the_whole_step_and_halves_the_scale_without_counting_as_an_error():
+    results = run_ranks(_scaled_run, 2, 2.0 ** 126, 8, timeout=300)
+    for applied, scales, _, _, consecutive in results:
+        first = applied.index(True)
+        assert first >= 1 and not any(applied[:first]) and all(applied[first:first + 2])
+        assert scales[:first] == [2.0 ** (126 - k - 1) for k in range(first)]  # halved at every overflow
+        assert consecutive == 0
+    assert results[0][0] == results[1][0]  # every rank skipped the same steps

@@ -157,12 +157,12 @@ def _agree_all_finite(bad: list[str]) -> bool:
 
 
 def save(root: Path, tag: str, *, engine, head, head_opt, cfg: dict, meta: dict, rank: int, world_size: int,
-         keep: int | None = None, keep_steps: int | None = None) -> Path:
+         keep: int | None = None, keep_steps: int | None = None, trainer_state: dict | None = None) -> Path:
     """Write checkpoint `tag` under `root` (collective: call on every rank). Refuses (CheckpointError, on every rank,
     before anything is written) when any rank holds a non-finite tensor: `latest` keeps naming a good checkpoint."""
     root = Path(root)
     head_state = {"head": head.state_dict(), "head_optimizer": head_opt.state_dict(), "rng": _rng_state(),
-                  "world_size": world_size, "rank": rank}
+                  "world_size": world_size, "rank": rank, "trainer_state": trainer_state or {}}
     bad = non_finite_tensors({"backbone": engine.module.state_dict(), **head_state})
     if not _agree_all_finite(bad):
         mine = f"on this rank: {', '.join(bad[:6])}" if bad else "on another rank"
@@ -266,7 +266,8 @@ def engine_files(folder: Path, world_size: int, zero_stage: int, with_optimizer:
 
 def load(folder: Path, *, engine, head, head_opt, rank: int, world_size: int, zero_stage: int,
          num_classes: int | None = None, log=print) -> dict:
-    """Restore a checkpoint written by any number of ranks into this run; returns its meta."""
+    """Restore a checkpoint written by any number of ranks into this run; returns its meta, with the trainer's own
+    state (the fp16 loss scale) under "trainer_state"."""
     folder = Path(folder)
     meta = read_meta(folder)
     if num_classes is not None and int(meta["num_classes"]) != num_classes:
@@ -303,7 +304,7 @@ def load(folder: Path, *, engine, head, head_opt, rank: int, world_size: int, ze
         log(f"resume: head resharded from {old_w} to {world_size} ranks")
         state = safe_load(files[0])
     head_opt.load_state_dict(state["head_optimizer"])
-    return meta
+    return {**meta, "trainer_state": state.get("trainer_state", {})}
 
 
 def _load_head(head, state: dict, source: Path) -> None:

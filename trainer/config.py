@@ -181,8 +181,9 @@ def _check_values(cfg: dict) -> None:
     need(t["max_steps"] is None or t["max_steps"] > 0, "train.max_steps", "must be > 0 or null")
     need(0.0 <= h["sample_rate"] <= 1.0, "head.sample_rate", "must be within [0, 1]")
     need(h["scale"] is None or h["scale"] > 0, "head.scale", "must be > 0 (or null: the loss's default)")
-    need(cfg["model"]["precision"] in ("auto", "fp32", "bf16"), "model.precision",
-         "must be auto, fp32 or bf16 (fp16 is refused: see README, Precision)")
+    need(cfg["model"]["precision"] in ("auto", "fp32", "bf16", "fp16"), "model.precision",
+         "must be auto, fp32, bf16 or fp16")
+    need(cfg["model"]["loss_scale"] > 0, "model.loss_scale", "must be > 0 (the initial fp16 loss scale)")
     need(d["loader"] in ("auto", "torch", "dali"), "data.loader", "must be auto, torch or dali")
     need(d["num_workers"] >= 0, "data.num_workers", "must be >= 0")
     need(d["max_bad_images"] >= 0, "data.max_bad_images", "must be >= 0 (0 = stop at the first damaged image)")

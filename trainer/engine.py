@@ -4,9 +4,11 @@ The head must not be all-reduced or ZeRO-partitioned (each rank owns different c
 engine. The backbone's SGD is a client optimizer handed to DeepSpeed; the learning rate of both is set per step by
 trainer.schedule.
 
-Precision: `model.precision` (auto = bf16 on GPU) runs the trunk under bf16 autocast with fp32 weights and an fp32
-fc/BN1d tail, as arcface_torch does. DeepSpeed's own fp16/bf16 modes would cast the weights, tail included, to 16
-bits, and fp16 would hand the head loss-scaled gradients; both are refused here with a message saying so.
+Precision: `model.precision` (auto = bf16 on GPUs with bf16 tensor cores, fp16 on older ones) runs the trunk under
+bf16 or fp16 autocast with fp32 weights and an fp32 fc/BN1d tail, as arcface_torch does; fp16's dynamic loss scale is
+the trainer's own (trainer/guard.py: unscaled with the non-finite check, the whole step skipped on overflow).
+DeepSpeed's own fp16/bf16 modes would cast the weights, tail included, to 16 bits, and fp16 would hand the head
+loss-scaled gradients; both are refused here with a message saying so.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def load_ds_config(cfg: dict, world_size: int) -> dict:
         if ds.get(key, {}).get("enabled", False) not in (False, "false"):
             raise ConfigError(
                 f"{path}: `{key}.enabled` must be false. This trainer runs the trunk under bf16 autocast with fp32 "
-                f"weights (model.precision: auto|bf16|fp32) so the fc/BN1d tail and the sharded head stay fp32; "
+                f"weights (model.precision: auto|bf16|fp16|fp32) so the fc/BN1d tail and the sharded head stay fp32; "
                 f"DeepSpeed's {key} mode would cast all weights" + (
                     " and hand the head loss-scaled gradients." if key == "fp16" else "."))
     for key in ("optimizer", "scheduler"):

@@ -15,6 +15,12 @@ record keys, before any checkpoint could hold a non-finite tensor.
 
 ZeRO >= 1 keeps the reduced backbone gradients in DeepSpeed's partitions, not in ``p.grad``: there DeepSpeed's own
 overflow check (switched on here; one all-reduce of its own) skips the backbone step and the guard undoes the head.
+
+fp16 (``loss_scale``): the loss is multiplied by a dynamic scale S before the backward (the head's gradients carry it
+too); the check above divides every gradient by S in the same fused pass, an overflow is a non-finite step like any
+other (skipped on every rank: backbone AND head and its state), and S follows torch's GradScaler rule on the device
+from the agreed flag: halved after an overflow, doubled after ``growth_interval`` good steps in a row. S is part of
+the checkpoint. Overflow skips do not count toward ``max_consecutive`` until S has fallen below 1 (a real NaN then).
 """
 from __future__ import annotations
 
@@ -38,9 +44,12 @@ class StepFlags:
 
 
 class StepGuard:
-    def __init__(self, engine, head, head_opt, max_consecutive: int = 10) -> None:
+    def __init__(self, engine, head, head_opt, max_consecutive: int = 10, loss_scale: float | None = None,
+                 growth_interval: int = 2000) -> None:
         if max_consecutive < 1:
             raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {max_consecutive}")
+        if loss_scale is not None and not loss_scale > 0:
+            raise ValueError(f"model.loss_scale must be > 0, got {loss_scale}")
         self.engine, self.head, self.head_opt = engine, head, head_opt
         self.max_consecutive = int(max_consecutive)
         self.txn = HeadTransaction(head)
@@ -60,8 +69,31 @@ class StepGuard:
         self._flags = torch.zeros(3, device=device)
         self._found = torch.zeros(1, device=device)
         self._one = torch.ones(1, device=device)
+        self.growth_interval = int(growth_interval)
+        self.scale: torch.Tensor | None = None
+        if loss_scale is not None:
+            if self.zero_stage >= 1:
+                raise ValueError("model.precision=fp16 needs ZeRO stage 0 here: with ZeRO >= 1 the scaled backbone "
+                                 "gradients sit in DeepSpeed's partitions, out of reach of the unscaling; use "
+                                 "deepspeed.zero_stage=0 or model.precision=bf16")
+            self.scale = torch.full((1,), float(loss_scale), device=device)
+            self._growth = torch.zeros(1, dtype=torch.int32, device=device)
         self.skipped_total = 0
         self.consecutive = 0
+
+    # --- fp16 loss scale ------------------------------------------------------------------------------------------
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """What to hand to the backward: the loss times the dynamic scale (fp16), or the loss itself."""
+        return loss if self.scale is None else loss * self.scale.to(loss.dtype)
+
+    def state_dict(self) -> dict:
+        return {} if self.scale is None else {"loss_scale": self.scale.detach().cpu().clone(),
+                                              "growth_tracker": self._growth.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scale is not None and "loss_scale" in state:
+            self.scale.copy_(state["loss_scale"])
+            self._growth.copy_(state["growth_tracker"])
 
     # --- per step ------------------------------------------------------------------------------------------------
     def before_forward(self) -> None:
@@ -88,8 +120,9 @@ class StepGuard:
         by_type: dict[tuple, list[torch.Tensor]] = {}
         for g in grads:
             by_type.setdefault((g.device, g.dtype), []).append(g)
+        inv = self._one if self.scale is None else self.scale.double().reciprocal().float()
         for group in by_type.values():  # one dtype per fused call; a scale of 1 leaves the values as they are
-            torch._amp_foreach_non_finite_check_and_unscale_(group, self._found, self._one.to(group[0].dtype))
+            torch._amp_foreach_non_finite_check_and_unscale_(group, self._found, inv)
         flags[0] = torch.maximum(self._found[0], (~torch.isfinite(loss.detach().float())).float())
         if stop:
             flags[1].fill_(1.0)
@@ -97,6 +130,9 @@ class StepGuard:
             flags[2].fill_(1.0)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if self.scale is not None:  # GradScaler's rule, on the device, from the agreed flag
+            self.overflow_scale = self.scale.clone()
+            torch._amp_update_scale_(self.scale, self._growth, flags[0:1], 2.0, 0.5, self.growth_interval)
         nonfinite, stop_all, ckpt_all = flags.tolist()  # the step's host sync
         return StepFlags(nonfinite > 0, stop_all > 0, ckpt_all > 0)
 
@@ -138,7 +174,8 @@ class StepGuard:
             with torch.no_grad():
                 torch._foreach_copy_(self._buffers, self._saved)
         self.skipped_total += 1
-        self.consecutive += 1
+        if self.scale is None or float(self.overflow_scale) < 1.0:  # fp16: an overflow lowers S; not an error yet
+            self.consecutive += 1
 
     def check_consecutive(self, where: str, batch_keys) -> None:
         if self.consecutive >= self.max_consecutive:

@@ -15,6 +15,7 @@ import heads
 from heads.optim import HeadOptimizer
 from heads.partition import ClassPartition
 from trainer import checkpoint, distributed
+from trainer.config import ConfigError
 from trainer.engine import average_buffers, build_engine, set_lr
 from trainer.guard import StepGuard
 from trainer.log import Meter, setup_logging
@@ -35,16 +36,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> str | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return "bf16"
-    return None
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def build_backbone(cfg: dict, device: torch.device) -> torch.nn.Module:
+def precision_for(capability: tuple[int, int] | None) -> str:
+    """`model.precision: auto`: bf16 on GPUs with bf16 tensor cores (compute capability 8.0+: A100, H100, ...), fp16
+    with a dynamic loss scale below (V100, T4: bf16 there is emulated, far slower), fp32 without a GPU."""
+    if capability is None:
+        return "fp32"
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return precision_for(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+
+
+def build_backbone(cfg: dict, device: torch.device, precision: str) -> torch.nn.Module:
+    """The backbone on `device`; on CUDA with cudnn.benchmark (fixed 112x112 input) and, when asked, channels_last
+    memory and torch.compile (in place: parameter names, and so checkpoints, stay as they are)."""
     m = cfg["model"]
-    return backbones.get_model(m["name"], num_features=m["num_features"], dropout=m["dropout"],
-                               autocast_dtype=autocast_dtype(m["precision"], device), **m["kwargs"]).to(device)
+    model = backbones.get_model(m["name"], num_features=m["num_features"], dropout=m["dropout"],
+                                autocast_dtype=None if precision == "fp32" else precision, **m["kwargs"]).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(m["cudnn_benchmark"])
+        if m["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+    if m["compile"]:
+        model.compile()
+    return model
 
 
 def head_config(cfg: dict) -> dict:
@@ -241,7 +264,8 @@ class CheckpointClock:
 def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watchdog) -> dict:
     d, t = cfg["data"], cfg["train"]
     num_classes = data.num_classes
-    backbone = build_backbone(cfg, device)
+    precision = resolve_precision(cfg["model"]["precision"], device)
+    backbone = build_backbone(cfg, device, precision)
     partition = ClassPartition(num_classes, env.world_size, env.rank)
     head = heads.build_head(head_config(cfg), num_classes=num_classes, embedding_size=cfg["model"]["num_features"],
                             partition=partition, seed=cfg["seed"]).to(device)
@@ -257,12 +281,15 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
     ckpt_root = output / "checkpoints"
     global_batch = env.world_size * t["batch_size"]
     start_epoch, global_step, start_step_in_epoch = 0, 0, 0
+    resumed_guard_state: dict = {}
+    channels_last = device.type == "cuda" and bool(cfg["model"]["channels_last"])
     if t["resume"] is not None:
         folder = checkpoint.resolve(t["resume"], output)
         if folder is not None:
             meta = checkpoint.load(folder, engine=engine, head=head, head_opt=head_opt, rank=env.rank,
                                    world_size=env.world_size, zero_stage=engine.zero_optimization_stage(),
                                    num_classes=num_classes, log=log.warning)
+            resumed_guard_state = meta.pop("trainer_state", {})
             # Positions are kept in samples: with another rank count the global batch, and so the step, differ.
             start_epoch = meta["epoch"]
             samples_in_epoch = meta.get("samples_in_epoch", 0)
@@ -275,6 +302,9 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
         else:
             log.info("train.resume=auto: no checkpoint yet, starting fresh")
 
+    log.info(f"precision {precision}" + (f" (model.precision=auto on {device})" if cfg["model"]["precision"] == "auto"
+                                          else "") + (f", dynamic loss scale from {cfg['model']['loss_scale']:g}"
+                                                      if precision == "fp16" else ""))
     log.info(f"{num_classes} classes, {data.num_images} images ({type(data).__name__}), {env.world_size} ranks x "
              f"{t['batch_size']} = {global_batch} per step, {steps_per_epoch} steps/epoch, {t['epochs']} epochs; "
              f"head: {cfg['head']['loss']} sample_rate={cfg['head']['sample_rate']} "
@@ -293,7 +323,7 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
         average_buffers(engine.module)  # one set of BatchNorm statistics for the checkpoint and the evaluation
         path = checkpoint.save(ckpt_root, tag, engine=engine, head=head, head_opt=head_opt, cfg=cfg, meta=meta,
                                rank=env.rank, world_size=env.world_size, keep=t["keep_checkpoints"],
-                               keep_steps=t["keep_step_checkpoints"])
+                               keep_steps=t["keep_step_checkpoints"], trainer_state=guard.state_dict())
         clock.reset()
         log.info(f"checkpoint written: {path}")
 
@@ -302,7 +332,9 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
     preempt = PreemptionFlag()
     if env.launcher == "deepspeed":
         stop_with_parent()  # the DeepSpeed launcher gone (SIGUSR1 kills it): save and stop, not train on alone
-    guard = StepGuard(engine, head, head_opt, max_consecutive=t["max_nonfinite_steps"])
+    guard = StepGuard(engine, head, head_opt, max_consecutive=t["max_nonfinite_steps"],
+                      loss_scale=cfg["model"]["loss_scale"] if precision == "fp16" else None)
+    guard.load_state_dict(resumed_guard_state)
     clock = CheckpointClock(t["checkpoint_every_steps"], t["checkpoint_every_minutes"], env.rank)
     engine.train()
     t_train = time.perf_counter()
@@ -323,9 +355,11 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
             log_step = (global_step + 1) % t["log_every"] == 0 or global_step + 1 == total_steps
             heads.set_collect_stats(head, log_step)  # accuracy, memory fill: computed on log steps only
             guard.before_forward()
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             embeddings = engine(images)
             loss, logs = head(embeddings, labels)
-            engine.backward(loss)
+            engine.backward(guard.scale_loss(loss))
             flags = guard.agree(loss, stop=preempt.requested, checkpoint=clock.time_due())  # the step's host sync
             applied = guard.apply(flags)
             global_step += 1
@@ -333,8 +367,13 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
             watchdog.progress(global_step)
             where = f"epoch {epoch}, step {global_step}"
             if not applied:
-                log.warning(f"{where}: non-finite loss or gradients (loss {loss.item():.4g}); step skipped on every "
-                            f"rank, nothing applied ({guard.consecutive} in a row, {guard.skipped_total} in total)")
+                if guard.scale is not None and guard.consecutive == 0:
+                    log.info(f"{where}: fp16 gradient overflow, step skipped on every rank; loss scale now "
+                             f"{float(guard.scale):g}")
+                else:
+                    log.warning(f"{where}: non-finite loss or gradients (loss {loss.item():.4g}); step skipped on "
+                                f"every rank, nothing applied ({guard.consecutive} in a row, {guard.skipped_total} "
+                                f"in total)")
                 guard.check_consecutive(where, data.batch_keys())
             elif log_step:
                 last_loss = loss.item()
