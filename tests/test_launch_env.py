@@ -88,6 +88,19 @@ def test_pick_device_under_srun_with_one_visible_gpu_per_task(monkeypatch):
     assert current == [0]
 
 
+def test_more_ranks_than_visible_gpus_is_refused_before_nccl(monkeypatch):
+    """8 ranks on a node that shows them 4 GPUs each would put two NCCL ranks on one GPU ("duplicate GPU")."""
+    import torch
+
+    from trainer.distributed import LaunchError, pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    env = detect({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "5", "LOCAL_SIZE": "8"})
+    with pytest.raises(LaunchError, match="8 ranks on this node but 4 GPUs visible.*NPROC=4"):
+        pick_device(env)
+
+
 @pytest.mark.parametrize("device,exported", [("cuda:0", "0"), ("cpu", "3")])
 def test_init_exports_the_device_it_uses_as_local_rank(monkeypatch, device, exported):
     """DeepSpeed opens cuda:LOCAL_RANK: under srun with one GPU per task it must read 0, not the local id 3 ("invalid

@@ -32,7 +32,7 @@ def data_dir(tmp_path_factory):
 
 def start(data_dir: Path, out: Path, *extra: str, nproc: int = 2) -> subprocess.Popen:
     """./run.sh in a session of its own (so that a test can signal its whole process group)."""
-    env = {**os.environ, "NPROC": str(nproc), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "NPROC": str(nproc), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "MASTER_PORT"):
         env.pop(k, None)
     args = [str(REPO / "run.sh"), "configs/base.yaml", *TINY, f"data.root={data_dir}", f"output={out}",
@@ -238,7 +238,8 @@ def test_under_the_deepspeed_launcher_a_signalled_launcher_still_leaves_a_checkp
     """`deepspeed --no_python ./run.sh`: DeepSpeed's node launcher terminates the ranks on SIGTERM (they save first)
     and dies of SIGUSR1 (the orphaned ranks get SIGTERM from the kernel and save). Its exit code is DeepSpeed's."""
     from tests.distributed import free_port
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         env.pop(k, None)
     out = tmp_path / "ds"

@@ -1,6 +1,7 @@
 """End to end through the real entry points: ./run.sh -> launcher -> 2 gloo ranks -> checkpoints (periodic and
 epoch ends) -> resume (exact, mid-epoch) -> resume on 1 rank (resharded head) -> eval CLI on the checkpoint; the
-DeepSpeed launcher and srun paths."""
+DeepSpeed launcher and srun paths. CPU gloo runs by design: CUDA_VISIBLE_DEVICES is emptied (on a GPU machine two
+ranks would otherwise share one GPU under NCCL, and CUDA kernels are not bit-reproducible)."""
 import json
 import math
 import os
@@ -27,7 +28,7 @@ def data_dir(tmp_path_factory):
 
 
 def run(args, nproc=2, check=True):
-    env = {**os.environ, "NPROC": str(nproc), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "NPROC": str(nproc), "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "MASTER_PORT"):
         env.pop(k, None)
     for attempt in range(3):
@@ -44,7 +45,8 @@ def run(args, nproc=2, check=True):
 def srun_task_env() -> dict:
     """The variables srun gives the one task of a one-task job step (no launcher variables)."""
     from tests.distributed import free_port
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
+           "SLURM_LOCALID": "0",
            "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "localhost",
            "MASTER_PORT": str(free_port())}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -129,7 +131,7 @@ def test_bad_override_is_a_clear_error(data_dir):
 @pytest.mark.multirank
 def test_deepspeed_no_python_launch(data_dir, tmp_path):
     """`deepspeed --no_python ./run.sh ...`: the launcher starts run.sh per rank with --local_rank=N and RANK set."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         env.pop(k, None)
     port = str(__import__("tests.distributed", fromlist=["free_port"]).free_port())

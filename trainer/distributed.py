@@ -122,7 +122,12 @@ def pick_device(d: DistEnv) -> torch.device:
     ``init`` exports the chosen index as LOCAL_RANK, which is what DeepSpeed uses to pick its device.
     """
     if torch.cuda.is_available():
-        index = device_index(d.local_rank, torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        if count > 1 and d.local_world_size > count:
+            raise LaunchError(f"{d.local_world_size} ranks on this node but {count} GPUs visible: two NCCL ranks "
+                              f"cannot share a GPU; start one rank per GPU (NPROC={count}), or give each task its own "
+                              f"GPU (srun --gpus-per-task=1)")
+        index = device_index(d.local_rank, count)
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
