@@ -3,13 +3,17 @@
 Two layouts are accepted:
 - a file: an arcface_torch-style ``backbone.pth`` state dict — the network name must be given;
 - a directory holding ``backbone.pth`` + ``config.yaml`` (our checkpoints): the YAML has a top-level ``model:``
-  mapping whose ``name`` is the network and whose other keys, except ``precision``, are ``get_model`` kwargs.
+  mapping whose ``name`` is the network. Its other keys hold constructor arguments (``num_features``, ``dropout``)
+  beside the trainer's runtime settings (``precision``, ``loss_scale``, ``compile``, ...): the keys the network's
+  constructor takes are passed to it, the others are left to the trainer; ``model.kwargs`` (the tiny family's
+  widths/depths) is passed whole, so a wrong key there is an error.
 
 Eval depends on backbones only, never on trainer internals: the YAML is read here, plainly.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,6 @@ __all__ = ["CheckpointError", "read_model_config", "load_model_for_eval"]
 
 BACKBONE_FILE = "backbone.pth"
 CONFIG_FILE = "config.yaml"
-_NOT_MODEL_KWARGS = ("name", "precision")
 
 
 class CheckpointError(ValueError):
@@ -31,7 +34,8 @@ class CheckpointError(ValueError):
 
 
 def read_model_config(config_path: str | os.PathLike) -> dict[str, Any]:
-    """The ``model:`` mapping of a config.yaml (must contain a string ``name``)."""
+    """``{"name": network, **constructor arguments}`` from the ``model:`` mapping of a config.yaml (see the module
+    docstring for which keys are constructor arguments)."""
     path = Path(config_path)
     try:
         cfg = yaml.safe_load(path.read_text())
@@ -45,10 +49,15 @@ def read_model_config(config_path: str | os.PathLike) -> dict[str, Any]:
     extra = model.pop("kwargs", None) or {}  # the trainer's `model.kwargs:` (tiny-family widths/depths)
     if not isinstance(extra, dict):
         raise CheckpointError(f"{path}: key 'model.kwargs' must be a mapping, got {extra!r}")
-    model.update(extra)
-    if not isinstance(model.get("name"), str) or not model["name"]:
+    name = model.pop("name", None)
+    if not isinstance(name, str) or not name:
         raise CheckpointError(f"{path}: key 'model.name' must name the network (a non-empty string)")
-    return model
+    constructor = backbones.MODELS.get(name)
+    if constructor is None:
+        raise CheckpointError(f"{path}: model.name {name!r} is not a known network; valid: "
+                              f"{', '.join(backbones.MODELS)}")
+    accepted = set(inspect.signature(constructor).parameters)
+    return {"name": name, **{k: v for k, v in model.items() if k in accepted}, **extra}
 
 
 def load_model_for_eval(
@@ -79,7 +88,7 @@ def load_model_for_eval(
         raise CheckpointError(f"{path}: no such checkpoint file or directory")
 
     name = model_cfg["name"]
-    kwargs = {k: v for k, v in model_cfg.items() if k not in _NOT_MODEL_KWARGS}
+    kwargs = {k: v for k, v in model_cfg.items() if k != "name"}
     kwargs.update(overrides)
     try:
         model = backbones.get_model(name, **kwargs)

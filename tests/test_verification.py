@@ -339,9 +339,30 @@ def test_load_model_for_eval_errors(tiny_setup, tmp_path):
     (bad / "config.yaml").write_text("model: [1, 2]\n")
     with pytest.raises(CheckpointError, match="top-level 'model:' mapping"):
         load_model_for_eval(bad)
-    (bad / "config.yaml").write_text("model: {name: iresnet_tiny, no_such_arg: 3}\n")
+    (bad / "config.yaml").write_text("model: {name: iresnet_tiny, kwargs: {no_such_arg: 3}}\n")
     with pytest.raises(CheckpointError, match="cannot build network 'iresnet_tiny'"):
         load_model_for_eval(bad)
+    (bad / "config.yaml").write_text("model: {name: r1000}\n")
+    with pytest.raises(CheckpointError, match="model.name 'r1000' is not a known network"):
+        load_model_for_eval(bad)
+
+
+def test_trainer_runtime_keys_of_the_model_config_are_not_constructor_arguments(tiny_setup, tmp_path):
+    # the trainer's model: mapping also holds precision, loss_scale, compile, ...: eval passes only what the
+    # network's constructor takes (and model.kwargs whole)
+    root, _, _, model = tiny_setup
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "backbone.pth").write_bytes((root / "backbone.pth").read_bytes())
+    kwargs = {k: v for k, v in TINY.items() if k not in ("name", "num_features", "depths")}
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": {
+        "name": "iresnet_tiny", "num_features": 16, "dropout": 0.0, "precision": "auto", "loss_scale": 65536.0,
+        "cudnn_benchmark": True, "channels_last": False, "compile": False, "depths": [1, 1, 1, 1],
+        "kwargs": kwargs}}))
+    loaded, cfg = load_model_for_eval(ckpt)
+    assert cfg == {**TINY, "dropout": 0.0}
+    for (k, v), ref in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(v, ref), k
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
