@@ -30,7 +30,9 @@ def _train(rank, world, zero_stage, batches, lrs):
     torch.manual_seed(0)
     backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
     B = B_TOTAL // world
-    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.zero_stage={zero_stage}",
+    zero = [f"deepspeed.config={zero_stage}"] if str(zero_stage).endswith(".json") else \
+        [f"deepspeed.zero_stage={zero_stage}"]
+    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", *zero,
                              "deepspeed.gradient_clipping=1.0", "optim.weight_decay=0.01"])
     engine, sgd = build_engine(backbone, cfg, world)
     engine.eval()  # frozen BatchNorm: running statistics, so samples do not interact
@@ -59,7 +61,7 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch():
     batches = [batch] * STEPS  # the same batch: its loss must fall
     lrs = [0.1, 0.05, 0.02]
     (ref_losses, ref_params, ref_w), = run_ranks(_train, 1, 0, batches, lrs, timeout=300)
-    for zero_stage in (0, 1):
+    for zero_stage in (0, 1, "ds_config_zero2.json"):  # the last: the GPU recipe, ZeRO 2 with overlap_comm
         results = run_ranks(_train, 2, zero_stage, batches, lrs, timeout=300)
         for losses, params, _ in results:
             assert losses == pytest.approx(ref_losses, rel=1e-5)
