@@ -60,7 +60,12 @@ def negatives_lse(z: Tensor) -> tuple[Tensor, Tensor]:
     ``z`` [N, K]: s cos with the positives and unwritten columns at -inf (this rank's columns). Global, identical on
     every rank.
     """
-    local = torch.logsumexp(z, 1) if z.shape[1] else z.new_full((z.shape[0],), float("-inf"))
+    n, k = z.shape
+    if k == 0:
+        local = z.new_full((n,), float("-inf"))
+    else:  # by row blocks: logsumexp's temporary is a slice of the block
+        rows = max(1, (1 << 22) // k)
+        local = torch.cat([torch.logsumexp(z[i:i + rows], 1) for i in range(0, n, rows)])
     lse = global_logsumexp_of(local)
     finite = torch.isfinite(lse)
     count = finite.sum()
