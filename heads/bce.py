@@ -18,7 +18,6 @@ USS / s2s-BCE is ``negatives_lse`` there.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

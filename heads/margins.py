@@ -19,7 +19,9 @@ Inter-class filtering (Partial FC, CVPR'22): non-target cosines above a threshol
 still contribute e^0 to the softmax denominator.
 
 The target functions below return the unscaled target cosine; ``margin_logits`` applies filtering, the target
-margin and the scale s to a whole [N, K] block of cosines.
+margin and the scale s to a whole [N, K] block of cosines. ``cosine`` and ``margin_logits`` are the autograd forms
+(the dense-gradient baseline of the benchmarks, the tests); the heads compute their blocks, value and gradients
+together and without a host sync, in heads/blocks.py.
 """
 from __future__ import annotations
 
