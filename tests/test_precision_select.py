@@ -36,3 +36,17 @@ def test_fp16_trains_checkpoints_its_loss_scale_and_resumes(tmp_path):
     assert float(head["trainer_state"]["loss_scale"]) == 256.0  # 4 good steps < the growth interval
     run([*common, "train.epochs=2", "train.resume=auto"])
     assert (out / "checkpoints" / "latest").read_text().strip() == "epoch_0002"
+
+
+def test_backbone_switches_keep_checkpoint_names(tmp_path):
+    """model.compile compiles in place (parameter names, so checkpoints, unchanged); channels_last and
+    cudnn.benchmark act on CUDA only."""
+    from trainer.config import load_config
+    from trainer.train import build_backbone
+    cfg = load_config(None, ["data.root=x", "model.name=iresnet_tiny", "model.compile=true",
+                             "model.channels_last=true"])
+    plain = load_config(None, ["data.root=x", "model.name=iresnet_tiny"])
+    compiled = build_backbone(cfg, torch.device("cpu"), "fp32")
+    reference = build_backbone(plain, torch.device("cpu"), "fp32")
+    assert list(compiled.state_dict()) == list(reference.state_dict())
+    assert compiled.conv1.weight.is_contiguous()  # channels_last is a CUDA-only switch
