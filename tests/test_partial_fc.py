@@ -510,3 +510,23 @@ def test_registry_checks_the_partition_and_refuses_duplicate_names():
     with pytest.raises(HeadConfigError, match="registered twice"):
         heads.register_head("cosface")(lambda *a: None)
     assert math.isfinite(_build({"loss": "cosface"})(torch.randn(2, D), torch.tensor([0, 1]))[0].item())
+
+
+def test_a_dense_parameter_no_rank_used_keeps_its_value_and_momentum():
+    """torch.optim.SGD skips a parameter without gradient; the head optimizer decides that on the device (no sync),
+    steps every dense parameter and puts the unused ones back: the same result, weight decay included."""
+    head = _HeadWithBias(ClassPartition(C, 1, 0))
+    opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=0.1)
+    x = torch.randn(B, D, dtype=D64)
+    for _ in range(2):
+        head.pfc(x, torch.arange(B))[0].backward()  # b and unused_on_rank_1 take no part
+        opt.step()
+        opt.zero_grad()
+    assert float(head.b.detach()) == 0.5 and float(head.unused_on_rank_1.detach()) == 1.0
+    for p in (head.b, head.unused_on_rank_1):
+        buf = opt._sgd.state.get(p, {}).get("momentum_buffer")
+        assert buf is None or float(buf) == 0.0
+    head(x, torch.arange(B), 0).backward()  # now used: SGD's first momentum step, buf = d
+    opt.step()
+    d = 2 * 0.5 + 0.1 * 0.5  # d/db (rank + 1) b^2 at rank 0, plus weight decay
+    assert float(head.b.detach()) == pytest.approx(0.5 - 0.1 * d, rel=1e-12)
