@@ -238,7 +238,7 @@ class PartialFC(RowSparseRows, nn.Module):
         num_sample = int(self.sample_rate * num_local)
         owned = local_labels >= 0
         mark = torch.zeros(num_local + 1, dtype=torch.bool, device=local_labels.device)
-        mark[torch.where(owned, local_labels, num_local)] = True  # other ranks' classes land in the spare slot
+        mark.index_fill_(0, torch.where(owned, local_labels, num_local), True)  # others' classes: the spare slot
         positive = mark[:num_local]
         if num_sample <= min(local_labels.numel(), num_local):
             count = int(positive.sum())  # the one sync: the positives may outnumber the sample size
