@@ -1,6 +1,7 @@
 """One command for the day a GPU is lent: everything this project could only test on CPU, measured, in one table.
 
-    python -m bench.gpu_check                   # on a CUDA machine: ~5 minutes on one H200 (budget: 8)
+    python -m bench.gpu_check                   # on a CUDA machine (sized for <= 8 minutes on one H200; not yet run
+                                                # on a GPU: the estimate is ~5, torch.compile's first step the most)
     python -m bench.gpu_check --dry-run         # every part at tiny sizes on the CPU, under a minute (CI runs it)
 
 Needs only torch (and this repository); the trainer part also needs the project's requirements (deepspeed, PyYAML,
