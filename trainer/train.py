@@ -188,6 +188,10 @@ def train(cfg: dict) -> dict:
     device = distributed.pick_device(env)
     if device.type == "cpu":
         torch.set_num_threads(max(1, (torch.get_num_threads()) // max(env.local_world_size, 1)))
+    # From the first moment: a stop signal during set-up is kept and honoured at the first step (exit 0, not death).
+    preempt = PreemptionFlag()
+    if env.launcher == "deepspeed":
+        stop_with_parent()  # the DeepSpeed launcher gone (SIGUSR1 kills it): save and stop, not train on alone
     distributed.init(env, device)
     output = Path(cfg["output"])
     t = cfg["train"]
@@ -208,7 +212,7 @@ def train(cfg: dict) -> dict:
 
         watchdog = Watchdog(output, env.rank, env.world_size, t["hang_timeout_s"], on_hang=hung,
                             on_beat=lock.refresh if env.rank == 0 else None).start()
-        result = _train(cfg, env, device, output, log, watchdog)
+        result = _train(cfg, env, device, output, log, watchdog, preempt)
         ok = True
         write_status("stopped" if result["stopped_by_signal"] else "finished", env.rank)
         return result
@@ -216,13 +220,14 @@ def train(cfg: dict) -> dict:
         write_status("failed", env.rank)
         raise
     finally:
+        preempt.restore()
         if watchdog is not None:
             watchdog.stop()
         lock.release()
         distributed.shutdown(synchronize=ok)
 
 
-def _train(cfg: dict, env, device, output: Path, log, watchdog: Watchdog) -> dict:
+def _train(cfg: dict, env, device, output: Path, log, watchdog: Watchdog, preempt: PreemptionFlag) -> dict:
     from data.loader import build_loader
 
     seed_everything(cfg["seed"] + env.rank)
@@ -236,7 +241,7 @@ def _train(cfg: dict, env, device, output: Path, log, watchdog: Watchdog) -> dic
                         num_workers=d["num_workers"], flip=d["flip"], augment=d["augment"],
                         cache_dir=d["cache_dir"], progress=env.rank == 0, max_bad_images=d["max_bad_images"])
     try:
-        return _train_with(cfg, env, device, output, log, data, watchdog)
+        return _train_with(cfg, env, device, output, log, data, watchdog, preempt)
     finally:
         data.close()
 
@@ -261,7 +266,8 @@ class CheckpointClock:
         return self.steps > 0 and global_step % self.steps == 0
 
 
-def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watchdog) -> dict:
+def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watchdog,
+                preempt: PreemptionFlag) -> dict:
     d, t = cfg["data"], cfg["train"]
     num_classes = data.num_classes
     precision = resolve_precision(cfg["model"]["precision"], device)
@@ -329,9 +335,6 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
 
     meter = Meter(global_batch, total_steps)
     last_loss = float("nan")
-    preempt = PreemptionFlag()
-    if env.launcher == "deepspeed":
-        stop_with_parent()  # the DeepSpeed launcher gone (SIGUSR1 kills it): save and stop, not train on alone
     guard = StepGuard(engine, head, head_opt, max_consecutive=t["max_nonfinite_steps"],
                       loss_scale=cfg["model"]["loss_scale"] if precision == "fp16" else None)
     guard.load_state_dict(resumed_guard_state)
@@ -382,13 +385,13 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
                 log.info(f"epoch {epoch} step {global_step}/{total_steps}  loss {last_loss:.4f}  lr {lr:.5f}  "
                          f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min  {format_logs(logs)}{skipped}")
             step_in_epoch = global_step - epoch * steps_per_epoch
+            if global_step >= total_steps:  # the end: a stop asked for now changes nothing
+                done = True
+                break
             if flags.stop:
                 log.warning(f"signal {preempt.signal_name or 'on another rank'}: saving a checkpoint at step "
                             f"{global_step} and stopping")
                 done = stopped = True
-                break
-            if global_step >= total_steps:
-                done = True
                 break
             if (flags.checkpoint or clock.step_due(global_step)) and step_in_epoch < steps_per_epoch:
                 save(f"step_{global_step:07d}", epoch, step_in_epoch)
@@ -403,7 +406,6 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
             break
         if t["eval_every_epoch"] or done or epoch + 1 == t["epochs"]:
             evaluator(engine.module, f"after epoch {epoch + 1}", head.learned_thresholds())
-    preempt.restore()
     guard.txn.close()
     train_s = time.perf_counter() - t_train
     if guard.skipped_total:
