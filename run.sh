@@ -2,7 +2,8 @@
 # The one entry for people and clusters.
 #   ./run.sh [CONFIG.yaml] [key=value ...]   train (default: configs/demo.yaml, the synthetic CPU demo); launches one
 #                                            rank per GPU (2 on a machine without GPU) through trainer/launch.py
-#   ./run.sh test [pytest args ...]          the test suite
+#   ./run.sh --help | list                   usage | the losses, backbones and recipes (no rank is started)
+#   ./run.sh test [pytest args ...]          lint (ruff check, its configuration in pyproject.toml), then the tests
 #   ./run.sh eval COMMAND [args ...]         python -m eval: verification | ijb | megaface | onnx | tables (--help)
 #   ./run.sh python [args ...]               the project's Python, for the tools (python -m data.synthetic --help ...)
 # As the program of `deepspeed --no_python ./run.sh ...` or of `srun ./run.sh ...` it notices that it already is a
@@ -49,6 +50,9 @@ case "${1:-}" in
     shift
     exec "$PY" -m pytest "$@"
     ;;
+  list|help)
+    exec "$PY" -m trainer "$@"
+    ;;
   eval)
     shift
     exec "$PY" -m eval "$@"
@@ -58,6 +62,11 @@ case "${1:-}" in
     exec "$PY" "$@"
     ;;
 esac
+
+for arg in "$@"; do
+  # Usage at once, from one process: not through the launcher (which would start every rank to print it).
+  case "$arg" in -h|--help) exec "$PY" -m trainer --help ;; esac
+done
 
 if is_rank; then
   exec "$PY" -m trainer "$@"

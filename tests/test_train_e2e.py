@@ -71,6 +71,28 @@ def test_train_resume_reshard_eval(data_dir, tmp_path):
     assert "held-out verification" in p.stdout and "before training acc %" in p.stdout
     log = (straight / "train.log").read_text()
     assert "step 8/8" in log and "samples/s" in log and "ETA" in log
+    assert " INFO    epoch 1 step 8/8 " in log  # every line carries its level
+    # What a run shows while it runs (rank 0): the resolved config at start, TensorBoard events holding the logged
+    # scalars and each evaluation (read back with TensorBoard's reader), metrics.csv, and curves.png at the end.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from trainer.config import load_config
+    assert load_config(straight / "config.yaml")["train"]["checkpoint_every_steps"] == 3
+    events = EventAccumulator(str(straight / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("loss", "lr", "samples_per_s", "skipped_steps", "loss_s2c", "loss_s2s", "t_uss", "b_uss",
+                 "memory_filled"):
+        assert f"train/{name}" in tags, name
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+    assert [e.step for e in events.Scalars("train/t_uss")] == [6, 8]  # USS from epoch 1
+    for target in ("synth_lfw", "synth_cfp"):
+        for name in ("accuracy", "fold_0", "best_single_accuracy", "best_single_threshold", "accuracy_at_t_uss",
+                     "t_uss_minus_t*"):
+            assert f"eval/{target}/{name}" in tags, (target, name)
+        assert [e.step for e in events.Scalars(f"eval/{target}/best_single_threshold")] == [0, 8]
+    assert (straight / "metrics.csv").read_text().startswith("step,epoch,name,value,time")
+    assert (straight / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"curves:     {straight / 'curves.png'}" in p.stdout
     ckpts = straight / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "epoch_0002"
     for name in ("backbone.pth", "config.yaml", "meta.json", "head/rank_000_of_002.pt", "head/rank_001_of_002.pt"):
@@ -109,6 +131,7 @@ def test_train_resume_reshard_eval(data_dir, tmp_path):
     run([*common, f"output={straight}", "train.epochs=3", "train.resume=auto"], nproc=1)
     log = (straight / "train.log").read_text()
     assert "head resharded from 2 to 1 ranks" in log and "at epoch 2, step 18" in log and "step 27/27" in log
+    assert any(" WARNING " in line for line in log.splitlines() if "head resharded from 2 to 1 ranks" in line)
     one = torch.load(ckpts / "epoch_0003" / "head" / "rank_000_of_001.pt", weights_only=True)["head"]
     assert one["s2c.weight"].shape[0] == 12 and one["s2s.memory.features"].shape[0] == 12
 

@@ -1,6 +1,13 @@
-"""`python -m trainer [CONFIG.yaml] [key=value ...]` — one rank of a training run (see run.sh for launching)."""
-from trainer.distributed import exit_process
+"""`python -m trainer [CONFIG.yaml] [key=value ...]` — one rank of a training run (see run.sh for launching).
+`python -m trainer --help` answers without importing torch; `python -m trainer list` prints the catalog."""
+import sys
+
 from trainer.main import main
 
 if __name__ == "__main__":
-    exit_process(main())
+    code = main()
+    if "torch" not in sys.modules:  # --help, a config error: nothing distributed ever started
+        sys.exit(code)
+    from trainer.distributed import exit_process
+
+    exit_process(code)

@@ -1,4 +1,7 @@
-"""Entry point of one rank: parse `[CONFIG] [key=value ...]`, train, and print where everything went."""
+"""Entry point of one rank: parse `[CONFIG] [key=value ...]`, train, and print where everything went.
+
+`--help` and `list` answer at once, without a rank or a process group (./run.sh sends them here before launching);
+--help imports nothing heavy."""
 from __future__ import annotations
 
 import argparse
@@ -9,18 +12,37 @@ from pathlib import Path
 
 from trainer.config import DEFAULT_CONFIG, ConfigError, load_config
 
-USAGE = """python -m trainer [CONFIG.yaml] [key=value ...]
+USAGE = """usage: ./run.sh [CONFIG.yaml] [key=value ...]   train (default CONFIG: configs/demo.yaml, the synthetic CPU demo)
+       ./run.sh list                            the losses, backbones and recipes, one line each
+       ./run.sh test [pytest args ...]          lint (ruff) + the test suite (what CI runs)
+       ./run.sh eval COMMAND [args ...]         verification | ijb | megaface | onnx | tables (each has --help)
+       ./run.sh python [args ...]               the project's Python (python -m data.tools.pack --help, ...)
+       ./run.sh --help                          this text
 
-Trains with CONFIG (default: configs/demo.yaml, the synthetic CPU demo) and the dotted overrides, e.g.
-    python -m trainer configs/demo.yaml train.epochs=2 head.sample_rate=0.5
-Usually started through ./run.sh, which launches one such process per GPU (or 2 on CPU)."""
+Training launches one rank per local GPU (2 on a machine without GPU; NPROC=N overrides). Under
+`deepspeed --no_python ./run.sh ...` or `srun ./run.sh ...` each task is a rank and runs
+`python -m trainer [CONFIG.yaml] [key=value ...]` itself.
+
+key=value overrides any key of configs/base.yaml by its dotted name (loss=NAME is short for head.loss=NAME):
+    ./run.sh loss=uce train.epochs=8                         the demo with another loss, longer
+    ./run.sh configs/demo_threshold.yaml                     the demo trained until the learned threshold settles
+    ./run.sh configs/unitsface_r50_casia.yaml data.root=/data/casia data.val_root=/data/casia
+An unknown key is an error naming the nearest valid one.
+
+The run's folder (key `output`) gets config.yaml (the resolved configuration, at start), train.log, metrics.csv,
+tensorboard/ (tensorboard --logdir OUTPUT/tensorboard), curves.png (after each evaluation and at the end) and
+checkpoints/. The same command with train.resume=auto continues a stopped run."""
 
 
 def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
     # The deepspeed launcher inserts --local_rank=N; LOCAL_RANK in the environment already says the same.
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    if any(a in ("-h", "--help") for a in argv):
+    if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE)
+        raise SystemExit(0)
+    if argv[:1] == ["list"]:
+        from trainer.catalog import format_catalog
+        print(format_catalog())
         raise SystemExit(0)
     config = DEFAULT_CONFIG
     if argv and "=" not in argv[0]:
@@ -74,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config, overrides)
+    except SystemExit as e:  # --help, list
+        return int(e.code or 0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    cfg["_overrides"] = list(overrides)  # written into OUTPUT/config.yaml's header (keys with _ are not config)
     from trainer.train import train
     try:
         result = train(cfg)
@@ -94,4 +119,10 @@ def main(argv: list[str] | None = None) -> int:
               f"(whole job {time.perf_counter() - t0:.0f}s)")
         print(f"checkpoint: {out / 'checkpoints'} (newest named in checkpoints/latest)")
         print(f"log:        {out / 'train.log'}")
+        if result.get("curves"):
+            print(f"curves:     {result['curves']}")
+        if result.get("tensorboard"):
+            print(f"tensorboard --logdir {result['tensorboard']}")
+        if result.get("warnings"):
+            print(f"warnings:   {result['warnings']} (lines marked WARNING in train.log)")
     return 0

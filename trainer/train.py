@@ -18,7 +18,8 @@ from trainer import checkpoint, distributed
 from trainer.config import ConfigError
 from trainer.engine import average_buffers, build_engine, set_lr
 from trainer.guard import StepGuard
-from trainer.log import Meter, setup_logging
+from trainer.log import Meter, level_counts, setup_logging
+from trainer.monitor import Monitor, cuda_memory_gb, write_resolved_config
 from trainer.runlock import RunLock, RunLockError
 from trainer.schedule import schedule_from_config
 from trainer.signals import PreemptionFlag, stop_with_parent
@@ -105,18 +106,25 @@ def bin_paths(cfg: dict) -> list[Path]:
     return sorted(root.glob("*.bin"))
 
 
-def format_logs(logs: dict) -> str:
-    """The head's scalar logs (accuracy, learned thresholds, ...) as `name value` pairs."""
-    parts = []
+def scalar_logs(logs: dict) -> dict[str, float | int]:
+    """The head's one-element logs (accuracy, learned thresholds, loss terms, ...) as Python numbers. Reads device
+    tensors: call it on log steps only (they already read the loss)."""
+    out: dict[str, float | int] = {}
     for k, v in logs.items():
         if isinstance(v, torch.Tensor):
             if v.numel() != 1:
                 continue
             v = v.item()
-        if isinstance(v, float):
-            parts.append(f"{k} {v:.4f}")
-        elif isinstance(v, int):
-            parts.append(f"{k} {v}")
+        if isinstance(v, (float, int)) and not isinstance(v, bool):
+            out[k] = v
+    return out
+
+
+def format_logs(logs: dict) -> str:
+    """The head's scalar logs as `name value` pairs (tensors or numbers, as scalar_logs returns them)."""
+    parts = []
+    for k, v in scalar_logs(logs).items():
+        parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
     return "  ".join(parts)
 
 
@@ -130,10 +138,11 @@ class Evaluator:
         self.history: list[tuple[str, list[dict]]] = []
         self._bins: list | None = None
 
-    def __call__(self, model: torch.nn.Module, label: str, learned: dict | None = None) -> None:
-        """`learned`: the loss's learned cosine thresholds (t = b/s, p_v), reported beside the best single one."""
+    def __call__(self, model: torch.nn.Module, label: str, learned: dict | None = None) -> list[dict] | None:
+        """`learned`: the loss's learned cosine thresholds (t = b/s, p_v), reported beside the best single one.
+        Returns the per-target results on rank 0 (None elsewhere or without verification data)."""
         if not self.paths:
-            return
+            return None
         from data.verification_bin import load_bin_images
         from eval.uniform_threshold import format_threshold_report, pair_cosines, threshold_report
         from eval.verification import embed_sharded, evaluate_pairs, format_table
@@ -150,6 +159,8 @@ class Evaluator:
             self.history.append((label, results))
             lines = [format_threshold_report(r["thresholds"], title=r["target"]) for r in results]
             self.log.info("\n" + format_table(results, title=f"verification: {label}") + "\n" + "\n".join(lines))
+            return results
+        return None
 
 
 def take_lock(lock: RunLock, env, force: bool) -> str | None:
@@ -204,6 +215,8 @@ def train(cfg: dict) -> dict:
         if lock_warning:
             log.warning(lock_warning)
         log.info(f"rank {env.rank}/{env.world_size} via {env.launcher} on {device}; output {output}")
+        if env.rank == 0:
+            write_resolved_config(cfg, output, cfg.get("_overrides", ()))
 
         def hung(message: str) -> None:
             log.error(message)
@@ -213,6 +226,8 @@ def train(cfg: dict) -> dict:
         watchdog = Watchdog(output, env.rank, env.world_size, t["hang_timeout_s"], on_hang=hung,
                             on_beat=lock.refresh if env.rank == 0 else None).start()
         result = _train(cfg, env, device, output, log, watchdog, preempt)
+        counts = level_counts(log)
+        result["warnings"] = counts.warnings if counts else 0
         ok = True
         write_status("stopped" if result["stopped_by_signal"] else "finished", env.rank)
         return result
@@ -240,9 +255,11 @@ def _train(cfg: dict, env, device, output: Path, log, watchdog: Watchdog, preemp
     data = build_loader(d["loader"], d["root"], t["batch_size"], env.rank, env.world_size, cfg["seed"], device,
                         num_workers=d["num_workers"], flip=d["flip"], augment=d["augment"],
                         cache_dir=d["cache_dir"], progress=env.rank == 0, max_bad_images=d["max_bad_images"])
+    monitor = Monitor(cfg, output, env.rank, data.steps_per_epoch, log)
     try:
-        return _train_with(cfg, env, device, output, log, data, watchdog, preempt)
+        return _train_with(cfg, env, device, output, log, data, watchdog, preempt, monitor)
     finally:
+        monitor.close()
         data.close()
 
 
@@ -267,7 +284,7 @@ class CheckpointClock:
 
 
 def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watchdog,
-                preempt: PreemptionFlag) -> dict:
+                preempt: PreemptionFlag, monitor: Monitor) -> dict:
     d, t = cfg["data"], cfg["train"]
     num_classes = data.num_classes
     precision = resolve_precision(cfg["model"]["precision"], device)
@@ -315,9 +332,17 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
              f"{t['batch_size']} = {global_batch} per step, {steps_per_epoch} steps/epoch, {t['epochs']} epochs; "
              f"head: {cfg['head']['loss']} sample_rate={cfg['head']['sample_rate']} "
              f"({partition.num_local} classes on this rank)")
+    monitor.start(global_step)
     evaluator = Evaluator(cfg, device, log, env.rank, env.world_size)
+
+    def evaluate(label: str) -> None:
+        results = evaluator(engine.module, label, head.learned_thresholds())
+        if results is not None:
+            monitor.evaluation(global_step, results)
+            monitor.write_curves()
+
     if t["eval_before"] and start_epoch == 0 and global_step == 0:
-        evaluator(engine.module, "before training", head.learned_thresholds())
+        evaluate("before training")
 
     def save(tag: str, epoch: int, step_in_epoch: int) -> None:
         complete = step_in_epoch == steps_per_epoch
@@ -381,9 +406,13 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
             elif log_step:
                 last_loss = loss.item()
                 sps, hours = meter.report(global_step)
+                values = scalar_logs(logs)  # log steps only: their statistics were computed for this step
                 skipped = f"  skipped {guard.skipped_total}" if guard.skipped_total else ""
                 log.info(f"epoch {epoch} step {global_step}/{total_steps}  loss {last_loss:.4f}  lr {lr:.5f}  "
-                         f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min  {format_logs(logs)}{skipped}")
+                         f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min  {format_logs(values)}{skipped}")
+                monitor.scalars(global_step, {"loss": last_loss, "lr": lr, "samples_per_s": sps,
+                                              "skipped_steps": guard.skipped_total, **values,
+                                              "cuda_max_memory_gb": cuda_memory_gb(device)})
             step_in_epoch = global_step - epoch * steps_per_epoch
             if global_step >= total_steps:  # the end: a stop asked for now changes nothing
                 done = True
@@ -405,12 +434,15 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
         if stopped:
             break
         if t["eval_every_epoch"] or done or epoch + 1 == t["epochs"]:
-            evaluator(engine.module, f"after epoch {epoch + 1}", head.learned_thresholds())
+            evaluate(f"after epoch {epoch + 1}")
     guard.txn.close()
     train_s = time.perf_counter() - t_train
     if guard.skipped_total:
         log.warning(f"{guard.skipped_total} non-finite step(s) were skipped in this run")
+    curves = monitor.write_curves()
     return {"output": str(output), "checkpoint": str(ckpt_root / "latest"), "global_step": global_step,
+            "curves": None if curves is None else str(curves),
+            "tensorboard": str(output / "tensorboard") if monitor.tb is not None else None,
             "last_loss": last_loss, "eval": evaluator.history, "train_seconds": train_s, "rank": env.rank,
             "stopped_by_signal": (preempt.signal_name or "a signal on another rank") if stopped else None,
             "skipped_steps": guard.skipped_total}
