@@ -100,18 +100,6 @@ def _status_mb() -> dict[str, float]:
     return out
 
 
-def _fix_malloc() -> None:
-    """glibc: every allocation above 64 KiB is its own mapping, returned to the system when freed (no dynamic
-    threshold keeping freed blocks in the heap), so the resident set follows the live tensors."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 65536)   # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
-
-
 FAMILIES = {"cosface": {"loss": "cosface"}, "arcface": {"loss": "arcface"}, "uce": {"loss": "uce"},
             "gb_cosface": {"loss": "gb_cosface"}, "unitsface": {"loss": "unitsface"},
             "cosface_s2s_bce": {"loss": "cosface_s2s_bce"}, "cosface_s2s_softmax": {"loss": "cosface_s2s_softmax"},
@@ -126,7 +114,8 @@ def _run_family(rank: int, world: int, cfg: dict, C: int, D: int, B: int, steps:
     from heads.optim import HeadOptimizer
     from heads.partition import ClassPartition
 
-    _fix_malloc()
+    from bench.ranks import fix_malloc
+    fix_malloc()
     head = build_head(cfg, C, D, ClassPartition(C, world, rank), seed=0)
     if isinstance(head, EmbeddedLoss):  # a full memory, the term on
         memory = head.s2s.memory

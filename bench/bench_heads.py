@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.ranks import RankError, run_ranks
+from bench.ranks import RankError, fix_malloc, run_ranks
 from heads import EmbeddedLoss, build_head, set_collect_stats
 from heads.optim import HeadOptimizer
 from heads.partition import ClassPartition
@@ -188,6 +188,8 @@ def _rank_memory(rank: int, world_size: int, cfg: dict, num_classes: int, dim: i
     process on CPU, allocated device memory on a GPU) and the working set of one steady-state step."""
     part = ClassPartition(num_classes, world_size, rank)
     dev = torch.device(device)
+    if dev.type == "cpu":
+        fix_malloc()
     head, opt = _head(cfg, num_classes, dim, part, rank, dev)
     g = torch.Generator().manual_seed(100 + rank)
     if dev.type == "cuda":

@@ -24,6 +24,19 @@ class RankError(RuntimeError):
     """A rank raised, or did not answer in time; the message holds its traceback."""
 
 
+def fix_malloc() -> None:
+    """glibc: every allocation above 64 KiB is its own mapping, returned to the system when freed (no dynamic
+    threshold keeping freed blocks in the heap), so that the resident set follows the live tensors (CPU memory
+    measurements by resident set)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
+    except OSError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
