@@ -142,7 +142,7 @@ def test_a_stalled_rank_ends_the_job_within_the_bound_naming_it(data_dir, tmp_pa
                 r.kill()
     elapsed = time.monotonic() - t0
     assert code == 3, stdout[-3000:]
-    assert elapsed < 4 + 2 + 10 + 10  # the bound, a heartbeat round, the launcher's grace, start-up slack
+    assert elapsed < 4 + 2 + 8  # the bound, a heartbeat round, slack (the launcher ends a hung job at once)
     assert "rank(s) 1 stopped answering" in stdout and "last reached step" in stdout
     meta = latest_meta(out)
     assert meta["global_step"] >= before  # a checkpoint from before the hang stays latest

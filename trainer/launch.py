@@ -9,7 +9,8 @@ so a rank cannot tell the two apart, and it differs where a multi-day job needs 
   signal sent to the whole process group reaches the ranks twice, which is harmless.
 - No rank outlives the launcher: each rank gets SIGKILL from the kernel when the launcher dies, even by SIGKILL.
 - A rank that fails ends the job: the others get ``grace`` seconds to notice (their collectives break) and are
-  killed after that; the launcher exits with the failed rank's code (128 + N for a signal N).
+  killed after that (at once when the failed rank's watchdog found a hung peer: exit code 3); the launcher exits
+  with the failed rank's code (128 + N for a signal N).
 
     python -m trainer.launch --nproc 2 --master-port 29500 [--] [CONFIG] [key=value ...]
 """
@@ -24,6 +25,7 @@ import sys
 import time
 
 from trainer.signals import STOP_SIGNALS, die_with_parent
+from trainer.watchdog import EXIT_HUNG
 
 
 def rank_env(base: dict, rank: int, nproc: int, port: int) -> dict:
@@ -74,7 +76,8 @@ def launch(args: list[str], nproc: int, port: int, grace: float = 10.0) -> int:
                     break
         if all(c is not None for c in codes):
             break
-        if failed is not None and time.monotonic() - failed_at > grace:
+        # A rank's watchdog found a hung peer (EXIT_HUNG): the others will not answer, end them at once.
+        if failed is not None and (failed[1] == EXIT_HUNG or time.monotonic() - failed_at > grace):
             for p in procs:
                 if p.poll() is None:
                     p.kill()
