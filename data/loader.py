@@ -22,11 +22,14 @@ rank) and the workers leave job signals (SIGTERM, SIGUSR1) to their rank. ``dali
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
+import signal
 from typing import Iterator
 
 import torch
 
+from data.dataset import JOB_SIGNALS
 from data.rec_index import PreparedRec, prepare_rec
 
 
@@ -81,6 +84,22 @@ class TrainData(abc.ABC):
         self.close()
 
 
+@contextlib.contextmanager
+def job_signals_blocked():
+    """Block SIGTERM/SIGUSR1 in this thread while DataLoader workers are forked, so that they are born with them
+    blocked: a signal that reaches a worker before its ``worker_init_fn`` has run (a preemption during the start of
+    an epoch) then waits for it instead of killing the worker by torch's default. Signals that reach the rank
+    meanwhile are delivered when the block ends, not lost."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def check_batch_args(num_images: int, batch_size: int, rank: int, world_size: int) -> int:
     """Validate the arguments every kind shares; return steps_per_epoch = N // (W * B)."""
     if batch_size <= 0 or world_size <= 0:
@@ -123,7 +142,9 @@ class TorchTrainData(TrainData):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, step = self.sampler.epoch, self.sampler.start_step
-        for images, labels in self.loader:
+        with job_signals_blocked():  # workers are born with SIGTERM/SIGUSR1 blocked (data.dataset.ignore_job_signals)
+            batches = iter(self.loader)
+        for images, labels in batches:
             self._last = (epoch, step)
             step += 1
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
