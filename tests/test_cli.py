@@ -36,7 +36,8 @@ def test_help_imports_neither_torch_nor_deepspeed():
                         "try:\n    runpy.run_module('trainer', run_name='__main__')\nexcept SystemExit as e:\n"
                         "    assert e.code == 0, e.code\n"
                         "print(sorted(m for m in ('torch', 'deepspeed', 'numpy') if m in sys.modules))"],
-                       cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "[]"
 

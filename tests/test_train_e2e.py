@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +74,7 @@ def test_train_resume_reshard_eval(data_dir, tmp_path):
     # What a run shows while it runs (rank 0): the resolved config at start, TensorBoard events holding the logged
     # scalars and each evaluation (read back with TensorBoard's reader), metrics.csv, and curves.png at the end.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from trainer.config import load_config
     assert load_config(straight / "config.yaml")["train"]["checkpoint_every_steps"] == 3
     events = EventAccumulator(str(straight / "tensorboard"))
@@ -90,6 +90,8 @@ def test_train_resume_reshard_eval(data_dir, tmp_path):
                      "t_uss_minus_t*"):
             assert f"eval/{target}/{name}" in tags, (target, name)
         assert [e.step for e in events.Scalars(f"eval/{target}/best_single_threshold")] == [0, 8]
+        # The learned threshold is reported once the loss has logged it (USS from epoch 1), not its unset b = 0.
+        assert [e.step for e in events.Scalars(f"eval/{target}/accuracy_at_t_uss")] == [8]
     assert (straight / "metrics.csv").read_text().startswith("step,epoch,name,value,time")
     assert (straight / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"curves:     {straight / 'curves.png'}" in p.stdout

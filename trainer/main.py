@@ -4,7 +4,6 @@
 --help imports nothing heavy."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from trainer.config import DEFAULT_CONFIG, ConfigError, load_config
 
-USAGE = """usage: ./run.sh [CONFIG.yaml] [key=value ...]   train (default CONFIG: configs/demo.yaml, the synthetic CPU demo)
+USAGE = """usage: ./run.sh [CONFIG.yaml] [key=value ...]   train (default CONFIG: configs/demo.yaml: the synthetic demo)
        ./run.sh list                            the losses, backbones and recipes, one line each
        ./run.sh test [pytest args ...]          lint (ruff) + the test suite (what CI runs)
        ./run.sh eval COMMAND [args ...]         verification | ijb | megaface | onnx | tables (each has --help)

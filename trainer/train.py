@@ -19,7 +19,7 @@ from trainer.config import ConfigError
 from trainer.engine import average_buffers, build_engine, set_lr
 from trainer.guard import StepGuard
 from trainer.log import Meter, level_counts, setup_logging
-from trainer.monitor import Monitor, cuda_memory_gb, write_resolved_config
+from trainer.monitor import LEARNED, Monitor, cuda_memory_gb, write_resolved_config
 from trainer.runlock import RunLock, RunLockError
 from trainer.schedule import schedule_from_config
 from trainer.signals import PreemptionFlag, stop_with_parent
@@ -285,7 +285,7 @@ class CheckpointClock:
 
 def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watchdog,
                 preempt: PreemptionFlag, monitor: Monitor) -> dict:
-    d, t = cfg["data"], cfg["train"]
+    t = cfg["train"]
     num_classes = data.num_classes
     precision = resolve_precision(cfg["model"]["precision"], device)
     backbone = build_backbone(cfg, device, precision)
@@ -335,8 +335,11 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
     monitor.start(global_step)
     evaluator = Evaluator(cfg, device, log, env.rank, env.world_size)
 
+    learned_seen: set[str] = set()  # learned thresholds the loss has reported on a log step (USS: from epoch 1)
+
     def evaluate(label: str) -> None:
-        results = evaluator(engine.module, label, head.learned_thresholds())
+        learned = {k: v for k, v in head.learned_thresholds().items() if k in learned_seen}
+        results = evaluator(engine.module, label, learned)
         if results is not None:
             monitor.evaluation(global_step, results)
             monitor.write_curves()
@@ -407,6 +410,7 @@ def _train_with(cfg: dict, env, device, output: Path, log, data, watchdog: Watch
                 last_loss = loss.item()
                 sps, hours = meter.report(global_step)
                 values = scalar_logs(logs)  # log steps only: their statistics were computed for this step
+                learned_seen.update(k for k in values if k in LEARNED)
                 skipped = f"  skipped {guard.skipped_total}" if guard.skipped_total else ""
                 log.info(f"epoch {epoch} step {global_step}/{total_steps}  loss {last_loss:.4f}  lr {lr:.5f}  "
                          f"{sps:.1f} samples/s  ETA {hours * 60:.1f} min  {format_logs(values)}{skipped}")
