@@ -48,6 +48,8 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 case "${1:-}" in
   test)
     shift
+    # Lint first (rules in pyproject.toml): a violation fails the command before any test runs.
+    "$PY" -m ruff check --quiet . || { echo "run.sh test: ruff check failed (lint is part of the tests)" >&2; exit 1; }
     exec "$PY" -m pytest "$@"
     ;;
   list|help)

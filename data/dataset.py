@@ -20,9 +20,9 @@ Job signals. SLURM (scancel, preemption) and the DeepSpeed launcher send SIGTERM
 the job, DataLoader workers included; torch's own SIGTERM handler in a worker dies unless the signal came from the
 worker's parent, and the rank then fails with "DataLoader worker ... killed by signal" before it can checkpoint.
 :func:`ignore_job_signals` (the workers' ``worker_init_fn``) keeps the workers alive through SIGTERM and SIGUSR1
-from anyone but the rank and passes such a signal on to the rank, which decides. Workers still end with their rank: by the rank's normal shutdown, by SIGTERM from the
-rank itself (multiprocessing terminates its daemon children at interpreter exit), or when the rank is gone (torch's
-worker watchdog checks the parent every 5 s).
+from anyone but the rank and passes such a signal on to the rank, which decides. Workers still end with their rank:
+by the rank's normal shutdown, by SIGTERM from the rank itself (multiprocessing terminates its daemon children at
+interpreter exit), or when the rank is gone (torch's worker watchdog checks the parent every 5 s).
 """
 from __future__ import annotations
 

@@ -116,7 +116,8 @@ def unpack(record: bytes) -> tuple[IRHeader, bytes]:
     rest = record[_IR_STRUCT.size:]
     if flag > 0:
         if len(rest) < 4 * flag:
-            raise RecordIOError(f"IRHeader flag={flag} announces {flag} float32 labels but only {len(rest)} bytes follow")
+            raise RecordIOError(f"IRHeader flag={flag} announces {flag} float32 labels but only {len(rest)} bytes "
+                                "follow")
         label = np.frombuffer(rest, dtype="<f4", count=flag).astype(np.float32)
         rest = rest[4 * flag:]
     return IRHeader(flag, label, id_, id2), rest
@@ -246,7 +247,8 @@ class RecordIOReader:
     def read_at(self, offset: int, key: int | None = None) -> bytes:
         """The payload of the record starting at byte ``offset``."""
         f = self._handle()
-        where = f"{self.rec_path}: key {key} at offset {offset}" if key is not None else f"{self.rec_path}: offset {offset}"
+        where = (f"{self.rec_path}: key {key} at offset {offset}" if key is not None
+                 else f"{self.rec_path}: offset {offset}")
         parts = []
         pos = offset
         while True:

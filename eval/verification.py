@@ -252,8 +252,7 @@ def select_bins(items: Sequence[str], targets: Sequence[str] | None = None) -> t
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    from eval.features import (add_model_arguments, checkpoint_label, init_distributed_from_env,
-                               model_from_arguments)
+    from eval.features import add_model_arguments, checkpoint_label, init_distributed_from_env, model_from_arguments
     from eval.tables import output_dir_for, write_results
 
     parser = argparse.ArgumentParser(

@@ -135,7 +135,7 @@ def make_ijb_dataset(root: Path, subset: str = "IJBC", num_subjects: int = 6, pl
 
     (meta / f"{prefix}_face_tid_mid.txt").write_text("\n".join(tid_lines) + "\n")
     (meta / f"{prefix}_name_5pts_score.txt").write_text("\n".join(pts_lines) + "\n")
-    (meta / f"{prefix}_template_pair_label.txt").write_text("\n".join(f"{a} {b} {l}" for a, b, l in pairs) + "\n")
+    (meta / f"{prefix}_template_pair_label.txt").write_text("\n".join(f"{a} {b} {same}" for a, b, same in pairs) + "\n")
 
     def write_1n(path: Path, subjects: range, template_base: int) -> None:
         with open(path, "w", newline="") as f:

@@ -71,3 +71,35 @@ def test_a_bad_override_still_names_the_key_and_a_stray_word_is_refused():
     from trainer.main import main
     assert main(["configs/demo.yaml", "train.epochz=3"]) == 2
     assert main(["configs/demo.yaml", "lst"]) == 2
+
+
+def _sandbox(tmp_path, source: str):
+    """run.sh, pyproject.toml and requirements.txt of this checkout beside one test file, with this .venv."""
+    import shutil
+    for name in ("run.sh", "pyproject.toml", "requirements.txt"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    (tmp_path / ".venv").symlink_to(REPO / ".venv")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_one.py").write_text(source)
+    return tmp_path
+
+
+def test_the_test_command_lints_first_and_a_violation_fails_it(tmp_path):
+    box = _sandbox(tmp_path, "import os\nimport sys\n\n\ndef test_ok():\n    assert sys\n")  # os: unused (F401)
+    p = subprocess.run([str(box / "run.sh"), "test", "-q", "-p", "no:cacheprovider"], cwd=box, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1
+    assert "F401" in p.stdout + p.stderr and "ruff check failed" in p.stderr
+    assert "passed" not in p.stdout  # pytest never started
+
+    (box / "tests" / "test_one.py").write_text("import sys\n\n\ndef test_ok():\n    assert sys\n")
+    p = subprocess.run([str(box / "run.sh"), "test", "-q", "-p", "no:cacheprovider"], cwd=box, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip().splitlines()[-1].startswith("1 passed")  # pytest's summary stays the last line
+
+
+def test_the_code_base_is_clean_under_its_lint_rules():
+    p = subprocess.run([str(REPO / ".venv" / "bin" / "ruff"), "check", "--output-format", "concise", "."], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr

@@ -23,8 +23,7 @@ from data.dali_pipeline import DaliTrainData, shard_bounds
 from data.dataset import RecordDataset
 from data.loader import TorchTrainData, build_loader, resolve_kind
 from data.rec_index import prepare_rec
-from data.recordio import (MAGIC, InsightFaceRec, IRHeader, RecordIOError, RecordIOWriter, pack,
-                           write_insightface_rec)
+from data.recordio import MAGIC, InsightFaceRec, IRHeader, RecordIOError, RecordIOWriter, pack, write_insightface_rec
 
 H, W = 32, 40
 CPU = torch.device("cpu")

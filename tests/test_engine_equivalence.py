@@ -16,6 +16,8 @@ B_TOTAL, C, D, STEPS = 8, 10, 16, 3
 
 
 def _train(rank, world, zero_stage, batches, lrs):
+    import os
+
     import backbones
     import heads
     from heads.optim import HeadOptimizer
@@ -23,8 +25,6 @@ def _train(rank, world, zero_stage, batches, lrs):
     from trainer.config import load_config
     from trainer.distributed import prepare_deepspeed
     from trainer.engine import build_engine, set_lr
-
-    import os
     os.environ["LOCAL_RANK"] = str(rank)  # what the launchers export; DeepSpeed checks it
     prepare_deepspeed(torch.device("cpu"))
     torch.manual_seed(0)

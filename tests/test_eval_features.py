@@ -211,7 +211,8 @@ def test_eval_command_as_two_srun_tasks(tmp_path):
     argv = [sys.executable, "-m", "eval", "verification", *model_args, "--bins", str(tmp_path / "pairs.bin"),
             "--no-progress", "--num-workers", "0", "--batch-size", "4"]
     base = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM")}
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+            and not k.startswith("SLURM")}
     base.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     port = str(free_port())
     tasks = []

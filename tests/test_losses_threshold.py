@@ -4,8 +4,13 @@ import time
 import numpy as np
 import pytest
 
-from eval.uniform_threshold import (best_threshold, format_threshold_report, pair_cosines, threshold_accuracy,
-                                    threshold_report)
+from eval.uniform_threshold import (
+    best_threshold,
+    format_threshold_report,
+    pair_cosines,
+    threshold_accuracy,
+    threshold_report,
+)
 
 
 def brute_force(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -4,8 +4,18 @@ import math
 import pytest
 import torch
 
-from heads.margins import (NORM_EPS, CombinedMargin, arcface, clamped_arccos, combined_margin, cosface,
-                           interclass_filter, margin_logits, normalize, target_mask)
+from heads.margins import (
+    NORM_EPS,
+    CombinedMargin,
+    arcface,
+    clamped_arccos,
+    combined_margin,
+    cosface,
+    interclass_filter,
+    margin_logits,
+    normalize,
+    target_mask,
+)
 
 D64 = torch.float64
 

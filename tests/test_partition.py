@@ -4,10 +4,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads.comm import (DistributedInputError, all_reduce_sum_, gather_embeddings, gather_labels, global_max,
-                        rank_mean, shard_sum)
-from heads.dist_softmax import (LogitsError, dist_cross_entropy, dist_log_softmax_target, dist_logsumexp,
-                                dist_logsumexp_nontarget, dist_top1_correct)
+from heads.comm import (
+    DistributedInputError,
+    all_reduce_sum_,
+    gather_embeddings,
+    gather_labels,
+    global_max,
+    rank_mean,
+    shard_sum,
+)
+from heads.dist_softmax import (
+    LogitsError,
+    dist_cross_entropy,
+    dist_log_softmax_target,
+    dist_logsumexp,
+    dist_logsumexp_nontarget,
+    dist_top1_correct,
+)
 from heads.partition import ClassPartition, PartitionError, reshard
 from tests.distributed import RankError, run_ranks
 

@@ -15,8 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.recordio import (MAGIC, InsightFaceRec, IRHeader, RecordIOError, RecordIOReader, RecordIOWriter,
-                           encode_record, pack, unpack, write_insightface_rec)
+from data.recordio import (
+    MAGIC,
+    InsightFaceRec,
+    IRHeader,
+    RecordIOError,
+    RecordIOReader,
+    RecordIOWriter,
+    encode_record,
+    pack,
+    unpack,
+    write_insightface_rec,
+)
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text())

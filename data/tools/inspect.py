@@ -3,8 +3,9 @@
     python -m data.tools.inspect ROOT [--decode] [--workers N] [--max-problems 20] [--json]
 
 Reports the layout (InsightFace header or not, images, identity-range records), ``property``, the label range and
-images per identity, the classes of ``property`` without an image, and the file order (the fraction of neighbouring records with the same label: near 1 for a
-set stored identity by identity, which DALI cannot shuffle well; ~1/num_classes once shuffled). Checks every
+images per identity, the classes of ``property`` without an image, and the file order (the fraction of neighbouring
+records with the same label: near 1 for a set stored identity by identity, which DALI cannot shuffle well;
+~1/num_classes once shuffled). Checks every
 image record's structure (truncation, magic word, overlaps, non-image payloads, labels vs property); with
 ``--decode`` also decodes every image (in worker processes) and checks its size against ``property``.
 
