@@ -65,7 +65,8 @@ class StepGuard:
             engine._config.gradient_clipping = 0.0
         self._buffers = [b for b in engine.module.buffers()]
         self._saved = [b.detach().clone() for b in self._buffers]
-        device = next(engine.module.parameters()).device
+        self._params = list(engine.module.parameters())  # walked every step: listed once
+        device = self._params[0].device
         self._flags = torch.zeros(3, device=device)
         self._found = torch.zeros(1, device=device)
         self._one = torch.ones(1, device=device)
@@ -104,7 +105,7 @@ class StepGuard:
     def _grads(self) -> list[torch.Tensor]:
         grads = []
         if self.zero_stage == 0:
-            grads += [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            grads += [p.grad for p in self._params if p.grad is not None]
         for table in self.head_opt.tables:
             grads += table.pending_grads()
         grads += [p.grad for p in self.head_opt.dense if p.grad is not None]
@@ -143,7 +144,7 @@ class StepGuard:
             self._undo()
             return False
         if self.clip:
-            grads = [p for p in self.engine.module.parameters() if p.grad is not None]
+            grads = [p for p in self._params if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(grads, self.clip, foreach=True)
         self.engine.step()
         if not self.engine.was_step_applied():  # ZeRO >= 1: DeepSpeed found non-finite partitions
