@@ -110,11 +110,10 @@ def _run_family(rank: int, world: int, cfg: dict, C: int, D: int, B: int, steps:
     import gc
 
     import heads
+    from bench.ranks import fix_malloc
     from heads import EmbeddedLoss, build_head
     from heads.optim import HeadOptimizer
     from heads.partition import ClassPartition
-
-    from bench.ranks import fix_malloc
     fix_malloc()
     head = build_head(cfg, C, D, ClassPartition(C, world, rank), seed=0)
     if isinstance(head, EmbeddedLoss):  # a full memory, the term on

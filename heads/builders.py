@@ -32,9 +32,18 @@ from heads.margins import CombinedMargin
 from heads.memory import PROTOTYPE_INITS
 from heads.partial_fc import PartialFC
 from heads.partition import ClassPartition
-from heads.registry import (HeadConfigError, choice, flag, integer, number, read_options, register_head,
-                            register_preset, register_s2s)
-from heads.sample_to_sample import S2SBCE, S2SSoftmax, USS
+from heads.registry import (
+    HeadConfigError,
+    choice,
+    flag,
+    integer,
+    number,
+    read_options,
+    register_head,
+    register_preset,
+    register_s2s,
+)
+from heads.sample_to_sample import S2SBCE, USS, S2SSoftmax
 from heads.uce import UniformBCE
 
 COMBINE = ("sum", "mean")

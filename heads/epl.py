@@ -16,8 +16,8 @@ from torch import Tensor
 
 from heads.margins import AdaptiveMargin
 from heads.memory import PrototypeMemory
-from heads.partial_fc import ClassScores, ShardBatch
 from heads.memory_scores import softmax_mean
+from heads.partial_fc import ClassScores, ShardBatch
 from heads.partition import ClassPartition
 from heads.precision import matmul_precision_of
 from heads.sample_to_sample import MemoryTerm

@@ -24,8 +24,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from heads.blocks import (needs_grad, put_targets, row_max, stabiliser, take_targets, target_columns, top1_correct,
-                          with_gradients)
+from heads.blocks import (
+    needs_grad,
+    put_targets,
+    row_max,
+    stabiliser,
+    take_targets,
+    target_columns,
+    top1_correct,
+    with_gradients,
+)
 from heads.comm import all_reduce_sum_, rank_mean
 from heads.journal import Journaled
 from heads.margins import target_mask

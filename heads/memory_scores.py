@@ -43,8 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from heads.blocks import (global_logsumexp_of, needs_grad, put_targets, row_max, stabiliser, sum_chunked,
-                          take_targets, target_columns, with_gradients)
+from heads.blocks import (
+    global_logsumexp_of,
+    needs_grad,
+    put_targets,
+    row_max,
+    stabiliser,
+    sum_chunked,
+    take_targets,
+    target_columns,
+    with_gradients,
+)
 from heads.comm import all_reduce_sum_
 from heads.precision import matmul
 

@@ -36,8 +36,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from heads.blocks import (CosineBlock, margin_and_slope, needs_grad, put_targets, row_max, stabiliser,
-                          take_targets, target_columns, top1_correct, with_gradients)
+from heads.blocks import (
+    CosineBlock,
+    margin_and_slope,
+    needs_grad,
+    put_targets,
+    row_max,
+    stabiliser,
+    take_targets,
+    target_columns,
+    top1_correct,
+    with_gradients,
+)
 from heads.comm import all_reduce_sum_, gather_embeddings, gather_labels
 from heads.margins import CombinedMargin, TargetMargin, normalize, target_mask
 from heads.partition import ClassPartition

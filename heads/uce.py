@@ -20,8 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from heads.blocks import (CosineBlock, margin_and_slope, needs_grad, put_targets, sum_chunked, take_targets,
-                          target_columns, top1_correct, with_gradients)
+from heads.blocks import (
+    CosineBlock,
+    margin_and_slope,
+    needs_grad,
+    put_targets,
+    sum_chunked,
+    take_targets,
+    target_columns,
+    top1_correct,
+    with_gradients,
+)
 from heads.comm import all_reduce_sum_
 from heads.margins import TargetMargin, target_mask
 from heads.partial_fc import ClassScores, PartialFC, ShardBatch
