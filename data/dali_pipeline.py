@@ -46,10 +46,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data.loader import TrainData, check_batch_args
 from data.position import EpochPosition
 from data.rec_index import PreparedRec, looks_grouped, same_label_neighbours
 from data.recordio import RecordIOError
+from data.train_data import TrainData, check_batch_args
 
 READER_NAME = "Reader"
 _AT_OFFSET = re.compile(rb" at index (\d+)$")  # fn.readers.mxnet's source info: "<rec path> at index <byte offset>"
@@ -135,13 +135,19 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def shard_bounds(num_images: int, shard: int, num_shards: int) -> tuple[int, int]:
-    """[start, end) positions (file order) of DALI's shard ``shard`` of ``num_shards``."""
+def sample_shard_bounds(num_images: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """[start, end) positions (file order) of the images in DALI's reader shard ``shard`` of ``num_shards``.
+
+    DALI's formula, ``start = N * shard // num_shards``: the longer shards are spread over the ranks (N=10, 4 shards:
+    sizes 2, 3, 2, 3). Not the class partition of :class:`heads.partition.ClassPartition` (arcface_torch's formula:
+    the first C % W ranks own one class more, sizes 3, 3, 2, 2, as (start, num_local) of a class range): this splits
+    the file's images among reader shards, that splits classes among ranks, and the two need not agree.
+    """
     return num_images * shard // num_shards, num_images * (shard + 1) // num_shards
 
 
 class DaliTrainData(EpochPosition, TrainData):
-    """:class:`~data.loader.TrainData` read by DALI; see the module docstring for epochs, shards and shuffling."""
+    """:class:`~data.train_data.TrainData` read by DALI; see the module docstring for epochs, shards and shuffling."""
 
     def __init__(self, prepared: PreparedRec, batch_size: int, rank: int, world_size: int, seed: int,
                  device: torch.device, num_workers: int = 2, flip: bool = True, augment: bool = False,
@@ -233,7 +239,7 @@ class DaliTrainData(EpochPosition, TrainData):
         reason = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "encountered:"),
                       lines[0] if lines else type(error).__name__)
         shard = self.shard_of(epoch)
-        lo, hi = shard_bounds(self.prepared.num_images, shard, self.world_size)
+        lo, hi = sample_shard_bounds(self.prepared.num_images, shard, self.world_size)
         keys = self.prepared.keys
         record = ""
         for m in re.finditer(r" at index (\d+)", text):

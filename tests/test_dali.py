@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.dali_pipeline import DaliTrainData, shard_bounds
+from data.dali_pipeline import DaliTrainData, sample_shard_bounds
 from data.dataset import RecordDataset
 from data.loader import TorchTrainData, build_loader, resolve_kind
 from data.rec_index import prepare_rec
@@ -128,7 +128,7 @@ def test_dali_and_torch_readers_give_the_same_labels_and_pixels(grouped, cache):
         images, labels = torch.cat([x for x, _ in got]), torch.cat([y for _, y in got])
         assert images.dtype == torch.float32 and images.shape == (len(labels), 3, H, W)
         assert labels.dtype == torch.int64
-        lo, _ = shard_bounds(60, rank, world)  # epoch 0: rank r reads shard r, in file order (= key order here)
+        lo, _ = sample_shard_bounds(60, rank, world)  # epoch 0: rank r reads shard r, in file order (= key order here)
         want = torch.stack([ds[i][0] for i in range(lo, lo + len(labels))])
         want_labels = torch.tensor([ds.rec.read_label(i) for i in range(lo, lo + len(labels))])
         assert torch.equal(labels, want_labels)
@@ -179,7 +179,7 @@ def test_every_rank_gets_the_same_number_of_full_batches_from_disjoint_shards(un
             batches = epoch(data, e)
             assert len(batches) == steps and all(y.shape == (batch,) for _, y in batches)
             labels = torch.cat([y for _, y in batches]).tolist()
-            lo, hi = shard_bounds(64, (rank + e) % world, world)
+            lo, hi = sample_shard_bounds(64, (rank + e) % world, world)
             assert set(labels) <= set(file_order[lo:hi])  # this epoch's shard of this rank
             if steps * batch + 2 <= hi - lo:  # the buffer does not wrap: no record twice
                 assert len(set(labels)) == len(labels)
