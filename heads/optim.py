@@ -1,7 +1,8 @@
 """The head's own SGD, beside the backbone's DeepSpeed engine (the head is never all-reduced or ZeRO-partitioned).
 
-Row-sparse centre tables (any submodule with weight, weight_momentum and pop_row_grads, e.g. PartialFC) are stepped
-on the rows that were sampled since the last step, with torch.optim.SGD's rule (dampening 0, no Nesterov):
+Row-sparse tables (every submodule that is a heads/rows.py RowSparseRows: PartialFC's centres, ClassBias's per-class
+biases) are stepped on the rows that were used since the last step, with torch.optim.SGD's rule (dampening 0, no
+Nesterov):
 
     d = g + wd * w;   buf = momentum * buf + d;   w = w - lr * buf          (sampled rows only)
 
@@ -22,34 +23,20 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from heads.comm import all_reduce_sum_
+from heads.rows import RowSparseRows
 
 
 class HeadOptimizerError(ValueError):
     """Bad optimizer arguments or a state dict that does not fit this head."""
 
 
-@runtime_checkable
-class RowSparseTable(Protocol):
-    """A table of per-class rows stepped sparsely (PartialFC's centres)."""
-
-    weight: Tensor
-    weight_momentum: Tensor
-
-    def pop_row_grads(self) -> tuple[Tensor | None, Tensor] | None: ...
-
-    def pending_grads(self) -> list[Tensor]: ...
-
-    def clear_row_grads(self) -> None: ...
-
-
 class HeadOptimizer:
-    """SGD with momentum and weight decay for a head: sparse centre rows + all-reduced dense parameters."""
+    """SGD with momentum and weight decay for a head: sparse rows (RowSparseRows) + all-reduced dense parameters."""
 
     def __init__(self, head: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
@@ -57,7 +44,7 @@ class HeadOptimizer:
                 raise HeadOptimizerError(f"HeadOptimizer: {name} must be a number >= 0, got {value!r}")
         # torch-optimizer style: one param group holds the hyper-parameters (set_lr or group["lr"] = ... both work)
         self.param_groups = [{"lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay)}]
-        self.tables = [m for m in head.modules() if isinstance(m, RowSparseTable)]
+        self.tables = [m for m in head.modules() if isinstance(m, RowSparseRows)]
         self.dense = [p for p in head.parameters() if p.requires_grad]
         self._sgd = (torch.optim.SGD(self.dense, lr=float(lr), momentum=float(momentum),
                                      weight_decay=float(weight_decay)) if self.dense else None)
@@ -89,18 +76,14 @@ class HeadOptimizer:
     def step(self, grad_scale: float = 1.0) -> None:
         """One SGD step. ``grad_scale``: the loss scale the gradients carry (fp16), divided out first."""
         for table in self.tables:
-            if hasattr(table, "pop_rows"):
-                popped = table.pop_rows()
-            else:
-                pair = table.pop_row_grads()
-                popped = None if pair is None else (*pair, None)
+            popped = table.pop_rows()
             if popped is not None:
                 rows, grad, values = popped
                 self._step_rows(table, rows, grad, values, grad_scale)
         if self._sgd is not None:
             self._step_dense(grad_scale)
 
-    def _step_rows(self, table: RowSparseTable, rows: Tensor | None, grad: Tensor, values: Tensor | None,
+    def _step_rows(self, table: RowSparseRows, rows: Tensor | None, grad: Tensor, values: Tensor | None,
                    grad_scale: float) -> None:
         lr, momentum, wd = self.lr, self.momentum, self.weight_decay
         d = grad if grad.dtype == table.weight.dtype else grad.to(table.weight.dtype)  # ours: updated in place

@@ -1,15 +1,19 @@
-"""Per-class tables stepped row-sparsely: centres, per-class biases.
+"""Per-class tables stepped row-sparsely: centres, per-class biases. ``RowSparseRows`` is the one row-sparse type.
 
 A table holds two buffers with dim 0 = this rank's classes: ``weight`` and its SGD ``weight_momentum``. Each
 forward takes the rows it uses (all, or the sampled ones) as a fresh leaf tensor, so autograd builds a gradient for
-those rows only; heads/optim.py pops the accumulated row gradients and steps those rows (momentum, weight decay).
-Rows that no forward used do not move.
+those rows only; heads/optim.py steps every submodule that is a ``RowSparseRows`` (PartialFC's centres, ClassBias):
+it pops the accumulated row gradients and steps those rows (momentum, weight decay). Rows that no forward used do
+not move.
+
+``ClassBias`` is the per-class bias (UCE "diverse", s2s BCE) with its global mean over the classes of all ranks.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from heads.comm import all_reduce_sum_
 from heads.partition import ClassPartition
 
 
@@ -83,8 +87,8 @@ class RowSparseRows:
 class ClassBias(RowSparseRows, nn.Module):
     """One learnable bias per class of this rank's shard: buffers ``weight`` [C_local] and ``weight_momentum``.
 
-    Used by the "diverse" uniform BCE (one b_j per class) and the sample-to-sample BCE. Sharded like the centres,
-    so it checkpoints and reshards with them.
+    Used by the "diverse" uniform BCE (one b_j per class) and the sample-to-sample BCE, which both log and threshold
+    with :meth:`global_mean`. Sharded like the centres, so it checkpoints and reshards with them.
     """
 
     def __init__(self, partition: ClassPartition, init: float = 0.0) -> None:
@@ -96,6 +100,11 @@ class ClassBias(RowSparseRows, nn.Module):
 
     def per_class_buffers(self) -> list[str]:
         return ["weight", "weight_momentum"]
+
+    @torch.no_grad()
+    def global_mean(self) -> Tensor:
+        """Mean of the biases over all classes of all ranks (0-dim; an all-reduce, identical on every rank)."""
+        return all_reduce_sum_(self.weight.sum().reshape(1))[0] / self.partition.num_classes
 
     def extra_repr(self) -> str:
         return f"classes [{self.partition.start}, {self.partition.end})"

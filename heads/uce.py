@@ -129,7 +129,7 @@ class UniformBCE(PartialFC):
         """b, or the mean class bias over all classes of all ranks (diverse)."""
         if not self.diverse:
             return self.bias.detach().clone()
-        return all_reduce_sum_(self.class_bias.weight.sum().reshape(1))[0] / self.num_classes
+        return self.class_bias.global_mean()
 
     def learned_thresholds(self) -> dict[str, float]:
         return {"t_uce": float(self.mean_bias()) / self.scale}
