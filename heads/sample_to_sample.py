@@ -16,8 +16,12 @@ Data-driven bias (official code): when b <= 0, b <- mean_i logsumexp_{j != y}(s 
 global value, identical on all ranks. s2s BCE: when the mean of all class biases is <= 0, that value is ADDED to
 every class bias. Without a host sync: in every training step the value is computed from the block the loss scores
 anyway (heads/memory_scores.py: one logsumexp pass over it and two [N]-sized all-reduces) and the bias is written
-with torch.where (the same value when b > 0); the journal records it before each write. The memory is written AFTER the loss (``after_loss``), from epoch 0 on, even while the term is not
-yet part of the loss (heads/embedded.py), so it is full when the term starts.
+with torch.where (the same value when b > 0); the journal records it before each write.
+
+The three share one base, ``LatestFeatureTerm``: the latest-feature memory shard (heads/memory.py), written AFTER the
+loss (``after_loss``), from epoch 0 on, even while the term is not yet part of the loss (heads/embedded.py), so it
+is full when the term starts; each of the three adds only its loss. The per-class biases of s2s BCE are a ClassBias
+(heads/rows.py), whose ``global_mean`` is the mean over all classes of all ranks.
 """
 from __future__ import annotations
 
@@ -25,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from heads.bce import global_bce_mean
-from heads.comm import all_reduce_sum_
 from heads.journal import Journaled
 from heads.margins import CombinedMargin, normalize
 from heads.memory import LatestFeatureMemory
@@ -73,18 +76,32 @@ class MemoryTerm(Journaled, nn.Module):
         return normalize(batch.X.to(rows.dtype))
 
 
-class USS(MemoryTerm):
+class LatestFeatureTerm(MemoryTerm):
+    """A memory term over the latest-feature memory (USS, s2s BCE, s2s softmax): scale s, margin m, and the memory
+    write after the loss. Subclasses add their loss (and their bias)."""
+
+    def __init__(self, partition: ClassPartition, embedding_size: int, scale: float = 64.0,
+                 margin: float = 0.1) -> None:
+        super().__init__()
+        self.partition = partition
+        self.memory = LatestFeatureMemory(partition, embedding_size)
+        self.scale, self.margin = float(scale), float(margin)
+
+    def after_loss(self, batch: ShardBatch) -> None:
+        self.memory.write(batch.X, batch.local)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}, margin={self.margin}"
+
+
+class USS(LatestFeatureTerm):
     """Unified-threshold sample-to-sample loss: one learnable scalar bias b, t = b / s."""
 
     def __init__(self, partition: ClassPartition, embedding_size: int, scale: float = 64.0, margin: float = 0.1,
                  clamp: bool = True) -> None:
-        super().__init__()
-        self.memory = LatestFeatureMemory(partition, embedding_size)
-        self.scale, self.margin, self.clamp = float(scale), float(margin), bool(clamp)
+        super().__init__(partition, embedding_size, scale, margin)
+        self.clamp = bool(clamp)
         self.bias = nn.Parameter(torch.zeros(()))  # b <= 0: (re-)initialised from the data before the loss
-
-    def after_loss(self, batch: ShardBatch) -> None:
-        self.memory.write(batch.X, batch.local)
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
         rows, valid = self.memory.rows(scores.index)
@@ -106,27 +123,17 @@ class USS(MemoryTerm):
         return {"t_uss": float(self.bias.detach()) / self.scale}
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, margin={self.margin}, clamp={self.clamp}"
+        return f"{super().extra_repr()}, clamp={self.clamp}"
 
 
-class S2SBCE(MemoryTerm):
+class S2SBCE(LatestFeatureTerm):
     """Sample-to-sample BCE: one learnable bias per class, sharded with the classes (heads/rows.py)."""
 
     def __init__(self, partition: ClassPartition, embedding_size: int, scale: float = 64.0, margin: float = 0.1,
                  clamp: bool = True) -> None:
-        super().__init__()
-        self.partition = partition
-        self.memory = LatestFeatureMemory(partition, embedding_size)
+        super().__init__(partition, embedding_size, scale, margin)
         self.class_bias = ClassBias(partition, 0.0)
-        self.scale, self.margin, self.clamp = float(scale), float(margin), bool(clamp)
-
-    def after_loss(self, batch: ShardBatch) -> None:
-        self.memory.write(batch.X, batch.local)
-
-    @torch.no_grad()
-    def mean_bias(self) -> Tensor:
-        """Mean of the class biases over all classes of all ranks."""
-        return all_reduce_sum_(self.class_bias.weight.sum().reshape(1))[0] / self.partition.num_classes
+        self.clamp = bool(clamp)
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
         rows, valid = self.memory.rows(scores.index)
@@ -135,7 +142,7 @@ class S2SBCE(MemoryTerm):
         if self.training:
             def bias(data_bias: Tensor, exists: Tensor) -> Tensor:
                 with torch.no_grad():  # mean of all class biases <= 0: add the data-driven bias to every one
-                    mean_b = self.mean_bias()
+                    mean_b = self.class_bias.global_mean()
                     add = torch.where((mean_b <= 0) & exists, data_bias.to(mean_b.dtype), 0.0)
                     self.journal(self.class_bias.weight)
                     self.class_bias.weight.add_(add)
@@ -146,35 +153,23 @@ class S2SBCE(MemoryTerm):
         local = bce_sum(self.unit_batch(batch, rows, scores), rows, valid, scores.target, self.scale, self.margin,
                         bias, clamp=self.scale if self.clamp else None, precision=matmul_precision_of(self))
         logs = {}
-        mean_b = after_init[0] if after_init else (self.mean_bias() if collects_stats(self) else None)
+        mean_b = after_init[0] if after_init else (self.class_bias.global_mean() if collects_stats(self) else None)
         if mean_b is not None:
             logs = {"b_s2s_mean": mean_b, "t_s2s_mean": mean_b / self.scale}
         return global_bce_mean(local, batch.size), logs
 
     def learned_thresholds(self) -> dict[str, float]:
-        return {"t_s2s_mean": float(self.mean_bias()) / self.scale}
+        return {"t_s2s_mean": float(self.class_bias.global_mean()) / self.scale}
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale}, margin={self.margin}, clamp={self.clamp}"
+        return f"{super().extra_repr()}, clamp={self.clamp}"
 
 
-class S2SSoftmax(MemoryTerm):
+class S2SSoftmax(LatestFeatureTerm):
     """Sample-to-sample softmax: cross-entropy over the memory rows, positive reduced by m."""
-
-    def __init__(self, partition: ClassPartition, embedding_size: int, scale: float = 64.0,
-                 margin: float = 0.1) -> None:
-        super().__init__()
-        self.memory = LatestFeatureMemory(partition, embedding_size)
-        self.scale, self.margin = float(scale), float(margin)
-
-    def after_loss(self, batch: ShardBatch) -> None:
-        self.memory.write(batch.X, batch.local)
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
         rows, valid = self.memory.rows(scores.index)
         margin = CombinedMargin(1.0, 0.0, self.margin)
         return softmax_mean(self.unit_batch(batch, rows, scores), rows, valid, scores.target, self.scale, margin,
                             precision=matmul_precision_of(self)), {}
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale}, margin={self.margin}"
