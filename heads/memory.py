@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from heads.journal import Journaled
 from heads.margins import normalize
-from heads.partial_fc import derive_seed, init_centres
 from heads.partition import ClassPartition
+from heads.seeds import derive_seed, init_centres
 
 PROTOTYPE_INITS = ("feature", "noise")
 

@@ -22,7 +22,9 @@ rank for a batch of 1024); otherwise the number of positives can exceed the samp
 which takes ONE sync (their count) per step.
 
 The centres and their SGD momentum are BUFFERS (weight, weight_momentum; dim 0 = class), so the head's memory per
-rank is 2 x shard, and they checkpoint and reshard with the state dict. heads/optim.py steps the sampled rows.
+rank is 2 x shard, and they checkpoint and reshard with the state dict. heads/optim.py steps the sampled rows. The
+initial centres (N(0, init_std^2), drawn per block of classes: the same on any number of ranks) and the sampler's
+stream (seeded from (seed, rank)) come from heads/seeds.py.
 
 Other sample-to-class losses (heads/uce.py, heads/gb_cosface.py) subclass PartialFC and replace ``criterion``; the
 embedded losses (heads/embedded.py) reuse gather / score and hand the same sampled classes to a memory term.
@@ -53,41 +55,12 @@ from heads.margins import CombinedMargin, TargetMargin, normalize, target_mask
 from heads.partition import ClassPartition
 from heads.precision import matmul_precision_of
 from heads.rows import RowSparseRows
+from heads.seeds import derive_seed, init_centres
 from heads.stats import collects_stats
-
-INIT_BLOCK = 4096
-"""Centres are drawn in blocks of this many classes, each from its own seed: the initial centre of a class does not
-depend on the number of ranks."""
 
 
 class HeadInputError(ValueError):
     """Embeddings or labels passed to a head that do not fit it."""
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (splitmix64 steps): distinct tuples give unrelated streams."""
-    mask = (1 << 64) - 1
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h ^ (int(p) & mask)) & mask
-        h = (h + 0x9E3779B97F4A7C15) & mask
-        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
-        h ^= h >> 31
-    return h & ((1 << 63) - 1)
-
-
-def init_centres(start: int, num_local: int, embedding_size: int, std: float, seed: int) -> Tensor:
-    """N(0, std^2) centres of classes [start, start + num_local), float32, independent of the partition."""
-    out = torch.empty(num_local, embedding_size)
-    end = start + num_local
-    for block in range(start // INIT_BLOCK, (end + INIT_BLOCK - 1) // INIT_BLOCK):
-        lo, hi = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
-        gen = torch.Generator().manual_seed(derive_seed(seed, 0xCE, block))
-        rows = torch.randn(INIT_BLOCK, embedding_size, generator=gen) * std
-        a, b = max(lo, start), min(hi, end)
-        out[a - start:b - start] = rows[a - lo:b - lo]
-    return out
 
 
 @dataclass
