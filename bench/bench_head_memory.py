@@ -155,7 +155,7 @@ def _run_family(rank: int, world: int, cfg: dict, C: int, D: int, B: int, steps:
 def per_family(a) -> str:
     from prettytable import PrettyTable
 
-    from tests.distributed import run_ranks
+    from bench.ranks import run_ranks
 
     N = a.ranks * a.batch
     k = a.classes // a.ranks if a.sample_rate >= 1 else int(a.sample_rate * (a.classes // a.ranks))
@@ -180,7 +180,7 @@ def per_family(a) -> str:
 def main(argv=None) -> str:
     from prettytable import PrettyTable
 
-    from tests.distributed import run_ranks
+    from bench.ranks import run_ranks
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--classes", type=int, default=1_000_000)

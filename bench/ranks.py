@@ -6,7 +6,13 @@
 use ``spawn``: a forked child of a process that touched CUDA fails with "Cannot re-initialize CUDA in forked
 subprocess", so the parent of a GPU benchmark never calls ``torch.cuda`` itself; its ranks do, and report what they
 found (device name, peak memory). ``spawn`` starts a new interpreter: ``fn`` and ``args`` must be picklable
-(module-level functions). ``fork`` is cheaper and is what CPU runs use.
+(module-level functions). ``fork`` is cheaper and is what CPU runs use (a closure may then be ``fn``).
+
+Each rank: ``torch.set_num_threads(threads)``, a process group on 127.0.0.1 at a free port, ``fn``, the group
+destroyed. Results travel as plain pickles (tensors by value). A rank that raises makes ``run_ranks`` raise
+:class:`RankError` with that rank's traceback; the other ranks are killed (they may be blocked in a collective). A
+run whose port was taken meanwhile ("address already in use") is started again, up to three times. The multi-rank
+tests use this too (tests/distributed.py).
 """
 from __future__ import annotations
 
@@ -66,11 +72,30 @@ def _child(conn: Connection, fn: Callable[..., Any], rank: int, world_size: int,
         conn.close()
 
 
+_PORT_IN_USE = "address already in use"
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, start_method: str = "fork",
               backend: str = "gloo", threads: int | None = 1, timeout: float = 3600) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes; their return values in rank order."""
     if start_method not in ("fork", "spawn", "forkserver"):
         raise ValueError(f"run_ranks: start_method must be fork, spawn or forkserver, got {start_method!r}")
+    if start_method == "fork":
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            raise RankError("run_ranks: torch.distributed is initialised in the calling process; forked ranks would "
+                            "inherit its process group (destroy it first)")
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, args, start_method, backend, threads, timeout)
+        except RankError as e:
+            if _PORT_IN_USE not in str(e).lower() or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable[..., Any], world_size: int, args: tuple, start_method: str, backend: str,
+              threads: int | None, timeout: float) -> list[Any]:
     ctx = mp.get_context(start_method)
     port = free_port()
     conns, procs = [], []
@@ -106,7 +131,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, start_method:
         finished = True
     finally:
         for p in procs:
-            p.join(timeout=10 if finished else 0)
+            p.join(timeout=10 if finished else 0)  # after a failure the others may be stuck in a collective
             if p.is_alive():
                 p.kill()
                 p.join()
