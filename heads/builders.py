@@ -32,6 +32,7 @@ from heads.margins import CombinedMargin
 from heads.memory import PROTOTYPE_INITS
 from heads.partial_fc import PartialFC
 from heads.partition import ClassPartition
+from heads.protocol import Head
 from heads.registry import (
     HeadConfigError,
     choice,
@@ -91,7 +92,7 @@ def _margin(loss: str, value: Any, straight_through: bool) -> CombinedMargin:
 # --- sample-to-class ------------------------------------------------------------------------------------------------
 def _margin_softmax_builder(loss: str):
     def build(options: dict, num_classes: int, embedding_size: int, partition: ClassPartition,
-              seed: int) -> nn.Module:
+              seed: int) -> Head:
         o = read_options(loss, options, _pfc_defaults(margin=_MARGIN_DEFAULT[loss]))
         margin = _margin(loss, o["margin"], flag("straight_through", o["straight_through"]))
         return PartialFC(partition, embedding_size, margin=margin, seed=seed, **_pfc_kwargs(o))
@@ -104,7 +105,7 @@ for _loss in ("softmax", "cosface", "arcface", "combined"):
 
 @register_head("uce")
 def build_uce(options: dict, num_classes: int, embedding_size: int, partition: ClassPartition,
-              seed: int) -> nn.Module:
+              seed: int) -> Head:
     o = read_options("uce", options, _pfc_defaults(margin=0.4, neg_weight=1.0, bias_init=None, diverse=False,
                                                    clamp=True))
     straight = flag("straight_through", o["straight_through"])
@@ -118,7 +119,7 @@ def build_uce(options: dict, num_classes: int, embedding_size: int, partition: C
 
 @register_head("gb_cosface")
 def build_gb_cosface(options: dict, num_classes: int, embedding_size: int, partition: ClassPartition,
-                     seed: int) -> nn.Module:
+                     seed: int) -> Head:
     o = read_options("gb_cosface", options, _pfc_defaults(scale=32.0, margin=0.16, alpha=0.15, pv_momentum=0.01,
                                                           pv_clamp=[0.5, 0.7]))
     flag("straight_through", o["straight_through"])  # accepted; a CosFace margin has the gradient of cos_y anyway

@@ -32,7 +32,8 @@ COMBINE = ("sum", "mean")
 
 
 class EmbeddedLoss(nn.Module):
-    """``forward(x_local, labels_local) -> (loss, logs)``; ``set_epoch(epoch)`` at each epoch start."""
+    """A heads/protocol.py Head: ``forward(x_local, labels_local) -> (loss, logs)``; ``set_epoch(epoch)`` at each
+    epoch start switches the memory term on from its start epoch."""
 
     def __init__(self, s2c: PartialFC, s2s: MemoryTerm, s2c_weight: float = 1.0, s2s_weight: float = 1.0,
                  start_epoch: int = 1, combine: str = "sum") -> None:

@@ -139,7 +139,7 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 class PartialFC(RowSparseRows, nn.Module):
-    """Class-sharded margin-softmax head. ``forward(x_local, labels_local) -> (loss, logs)``.
+    """Class-sharded margin-softmax head (a heads/protocol.py Head). ``forward(x_local, labels_local) -> (loss, logs)``.
 
     loss: the global-batch mean, identical on every rank. logs: ``num_sampled`` (this rank's sampled classes) and,
     when statistics are collected (heads/stats.py; the default), ``accuracy`` (0-dim tensor, top-1 of the global
@@ -181,6 +181,9 @@ class PartialFC(RowSparseRows, nn.Module):
     def learned_thresholds(self) -> dict[str, float]:
         """Cosine thresholds the loss learns (none for margin softmax; see UCE, USS, GB-CosFace)."""
         return {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch hook of the Head protocol (heads/protocol.py): sample-to-class losses have no start epoch."""
 
     def _sampler(self) -> torch.Generator:
         device = self.weight.device

@@ -22,8 +22,9 @@ from torch import nn
 
 from heads.partition import ClassPartition
 from heads.precision import MATMUL_PRECISIONS, set_matmul_precision
+from heads.protocol import Head
 
-HeadBuilder = Callable[[dict, int, int, ClassPartition, int], nn.Module]
+HeadBuilder = Callable[[dict, int, int, ClassPartition, int], Head]
 S2SBuilder = Callable[[dict, int, int, ClassPartition, int], tuple[nn.Module, dict]]
 HEADS: dict[str, HeadBuilder] = {}
 S2S_TERMS: dict[str, S2SBuilder] = {}
@@ -36,9 +37,10 @@ class HeadConfigError(ValueError):
 
 
 def register_head(name: str) -> Callable[[HeadBuilder], HeadBuilder]:
-    """Decorator: ``builder(options, num_classes, embedding_size, partition, seed) -> nn.Module`` under ``name``.
+    """Decorator: ``builder(options, num_classes, embedding_size, partition, seed) -> Head`` under ``name``.
 
-    ``options`` is the config without its ``loss`` key (and without the s2s keys).
+    ``options`` is the config without its ``loss`` key (and without the s2s keys). The head must implement the
+    Head protocol (heads/protocol.py); build_head checks it.
     """
     def add(builder: HeadBuilder) -> HeadBuilder:
         if name in HEADS or name in PRESETS:
@@ -72,8 +74,9 @@ def loss_names() -> list[str]:
 
 
 def build_head(cfg: dict, num_classes: int, embedding_size: int, partition: ClassPartition,
-               seed: int) -> nn.Module:
-    """The head that ``cfg`` describes, for this rank's ``partition`` of ``num_classes`` classes."""
+               seed: int) -> Head:
+    """The head that ``cfg`` describes, for this rank's ``partition`` of ``num_classes`` classes (a Head,
+    heads/protocol.py)."""
     if not isinstance(cfg, dict):
         raise HeadConfigError(f"head config must be a mapping, got {type(cfg).__name__}")
     if "loss" not in cfg:
@@ -91,12 +94,16 @@ def build_head(cfg: dict, num_classes: int, embedding_size: int, partition: Clas
     s2s = options.pop("s2s", None)
     precision = choice("matmul_precision", options.pop("matmul_precision", "fp32"), MATMUL_PRECISIONS)
     head = _build(loss, s2s, options, num_classes, embedding_size, partition, seed)
+    if not isinstance(head, Head) or not isinstance(head, nn.Module):
+        raise TypeError(f"head loss {loss!r}: its builder returned a {type(head).__name__}, not an nn.Module with "
+                        f"the Head protocol's forward, set_epoch, learned_thresholds, per_class_buffers, partition "
+                        f"(heads/protocol.py)")
     set_matmul_precision(head, precision)
     return head
 
 
 def _build(loss: str, s2s: Any, options: dict, num_classes: int, embedding_size: int, partition: ClassPartition,
-           seed: int) -> nn.Module:
+           seed: int) -> Head:
     composite = {k: options.pop(k) for k in COMPOSITE_KEYS if k in options}
     s2s_options = {k: options.pop(k) for k in list(options) if k.startswith("s2s_")}
     if s2s is None:

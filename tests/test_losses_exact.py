@@ -98,8 +98,7 @@ def _run(rank: int, world_size: int) -> dict:
         steps = []
         for t, epoch in enumerate(EPOCHS):
             X, Y = step_data(t)
-            if hasattr(head, "set_epoch"):
-                head.set_epoch(epoch)
+            head.set_epoch(epoch)
             x = X[rank * B:(rank + 1) * B].clone().requires_grad_(True)
             loss, logs = head(x, Y[rank * B:(rank + 1) * B])
             loss.backward()

@@ -65,8 +65,7 @@ def _run(rank, world_size, rate):
         opt = HeadOptimizer(head, lr=LR, momentum=MOMENTUM, weight_decay=WD)
         steps = []
         for t, epoch in enumerate(EPOCHS):
-            if hasattr(head, "set_epoch"):
-                head.set_epoch(epoch)
+            head.set_epoch(epoch)
             before = canonical_state(head)
             x = step_x(t)[rank * B:(rank + 1) * B].clone().requires_grad_(True)
             loss, _ = head(x, LABELS[t][rank * B:(rank + 1) * B])

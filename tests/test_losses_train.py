@@ -50,7 +50,7 @@ def _train(rank, world_size):
         head_opt = HeadOptimizer(head, lr=0.05, momentum=0.9, weight_decay=5e-4)
         losses, logs_seen = [], {}
         for step in range(STEPS):
-            if step % STEPS_PER_EPOCH == 0 and hasattr(head, "set_epoch"):
+            if step % STEPS_PER_EPOCH == 0:
                 head.set_epoch(step // STEPS_PER_EPOCH)
             x, labels = batch(step, rank)
             loss, logs = head(backbone(x), labels)
