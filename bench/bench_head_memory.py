@@ -90,16 +90,6 @@ def _run_variant(rank: int, world: int, kind: str, C: int, D: int, B: int, rate:
             "peak_above_base_mb": _peak_mb() - base, "step_s": sum(times) / max(len(times), 1)}
 
 
-def _status_mb() -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) / 1024
-    return out
-
-
 FAMILIES = {"cosface": {"loss": "cosface"}, "arcface": {"loss": "arcface"}, "uce": {"loss": "uce"},
             "gb_cosface": {"loss": "gb_cosface"}, "unitsface": {"loss": "unitsface"},
             "cosface_s2s_bce": {"loss": "cosface_s2s_bce"}, "cosface_s2s_softmax": {"loss": "cosface_s2s_softmax"},
@@ -110,21 +100,15 @@ def _run_family(rank: int, world: int, cfg: dict, C: int, D: int, B: int, steps:
     import gc
 
     import heads
+    from bench.head_cases import fill_memory
+    from bench.measure import PeakMemory
     from bench.ranks import fix_malloc
-    from heads import EmbeddedLoss, build_head
+    from heads import build_head
     from heads.optim import HeadOptimizer
     from heads.partition import ClassPartition
     fix_malloc()
     head = build_head(cfg, C, D, ClassPartition(C, world, rank), seed=0)
-    if isinstance(head, EmbeddedLoss):  # a full memory, the term on
-        memory = head.s2s.memory
-        rows = memory.features if hasattr(memory, "features") else memory.prototypes
-        g = torch.Generator().manual_seed(rank)
-        for start in range(0, rows.shape[0], 65536):
-            block = rows[start:start + 65536]
-            block.copy_(torch.nn.functional.normalize(torch.randn(block.shape, generator=g), dim=1))
-        memory.valid.fill_(True)
-        head.set_epoch(head.start_epoch)
+    fill_memory(head, torch.Generator().manual_seed(rank))  # a full memory, the term on
     if hasattr(heads, "set_collect_stats"):
         heads.set_collect_stats(head, False)
     opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -135,19 +119,16 @@ def _run_family(rank: int, world: int, cfg: dict, C: int, D: int, B: int, steps:
         x = torch.randn(B, D, generator=g).requires_grad_(True)
         y = torch.randint(0, C, (B,), generator=g)
         gc.collect()
-        rest = _status_mb()["VmRSS"]
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # the peak-RSS counter restarts from the current resident set
-        t0 = time.perf_counter()
-        loss, _ = head(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        dt = time.perf_counter() - t0
-        peak = _status_mb()["VmHWM"]
+        with PeakMemory(torch.device("cpu")) as peak:  # the peak resident set above the one at rest
+            t0 = time.perf_counter()
+            loss, _ = head(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            dt = time.perf_counter() - t0
         del loss, x
         if step >= 2:  # after the warm-up steps (first-call checks, lazily created state)
-            peaks.append(peak - rest)
+            peaks.append(peak.mb)
             times.append(dt)
     return {"state_mb": state_mb, "step_peak_mb": max(peaks), "step_s": sorted(times)[len(times) // 2]}
 

@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench.head_cases import fill_memory
+from bench.measure import PeakMemory, synchronize
 from bench.ranks import RankError, fix_malloc, run_ranks
 from heads import EmbeddedLoss, build_head, set_collect_stats
 from heads.optim import HeadOptimizer
@@ -67,24 +69,9 @@ def _state_mb(head: torch.nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2 ** 20
 
 
-def _fill_memory(head: torch.nn.Module, dim: int, seed: int) -> None:
-    """Every memory row / prototype written (a full memory: the steady state after the first epoch)."""
-    if not isinstance(head, EmbeddedLoss):
-        return
-    memory = head.s2s.memory
-    name = "features" if hasattr(memory, "features") else "prototypes"
-    rows = getattr(memory, name)
-    g = torch.Generator().manual_seed(seed)
-    for start in range(0, rows.shape[0], 65536):  # in blocks: no second full-size temporary
-        block = rows[start:start + 65536]
-        block.copy_(torch.nn.functional.normalize(torch.randn(block.shape, generator=g), dim=1))
-    memory.valid.fill_(True)
-    head.set_epoch(max(head.start_epoch, 0))
-
-
 def _head(cfg: dict, num_classes: int, dim: int, part: ClassPartition, rank: int, device: torch.device):
     head = build_head(cfg, num_classes, dim, part, seed=0)
-    _fill_memory(head, dim, seed=rank)
+    fill_memory(head, torch.Generator().manual_seed(rank))
     head = head.to(device)
     set_collect_stats(head, False)  # a non-log step of the trainer
     return head, HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -99,40 +86,16 @@ def _probe(rank: int, world_size: int, device: str) -> dict:
     return {"name": "cpu"}
 
 
-def _status_mb() -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) / 1024
-    return out
-
-
 def _step_peak(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
     """MB the step allocates above what was held before it (GPU: allocated memory; CPU: resident set)."""
-    dev = x.device
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        before = torch.cuda.memory_allocated(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+    with PeakMemory(x.device) as peak:
         _step(head, opt, x, labels)
-        return (torch.cuda.max_memory_allocated(dev) - before) / 2 ** 20
-    rest = _status_mb()["VmRSS"]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux: the peak resident set restarts from the current one
-    _step(head, opt, x, labels)
-    return _status_mb()["VmHWM"] - rest
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return peak.mb
 
 
 def _step(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
     """One timed head step; the ranks start it together (a barrier), so no rank's time holds another's lag."""
-    _sync(x.device)
+    synchronize(x.device)
     if dist.is_initialized():
         dist.barrier()
     t0 = time.perf_counter()
@@ -140,7 +103,7 @@ def _step(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
     loss.backward()
     opt.step()
     opt.zero_grad()
-    _sync(x.device)
+    synchronize(x.device)
     return time.perf_counter() - t0
 
 
@@ -148,12 +111,12 @@ def _floor_step(n: int, dim: int, memory: torch.nn.Module, sampled: torch.Tensor
     """What a memory term cannot avoid per step: read the K sampled rows, cosines [n, K], dL/dx [n, D]."""
     device = memory.valid.device
     u = torch.nn.functional.normalize(torch.randn(n, dim, device=device), dim=1)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     rows = memory.rows(sampled)[0]
     cos = u @ rows.T
     cos @ rows
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 

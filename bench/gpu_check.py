@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import os
 import platform
@@ -50,22 +51,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench.head_cases import FAMILIES, fill_memory
+from bench.measure import PeakMemory, synchronize
+
 REPO = Path(__file__).resolve().parent.parent
 
-FAMILIES = {
-    "softmax": {"loss": "softmax"},
-    "cosface": {"loss": "cosface"},
-    "arcface": {"loss": "arcface"},
-    "combined+filter": {"loss": "combined", "margin": [1.1, 0.2, 0.1], "interclass_filtering_threshold": 0.3},
-    "uce": {"loss": "uce"},
-    "uce_diverse": {"loss": "uce_diverse"},
-    "gb_cosface": {"loss": "gb_cosface"},
-    "unitsface": {"loss": "unitsface"},
-    "cosface_s2s_bce": {"loss": "cosface_s2s_bce"},
-    "cosface_s2s_softmax": {"loss": "cosface_s2s_softmax"},
-    "epl": {"loss": "epl"},
-    "uce_epl": {"loss": "uce_epl"},
-}
 TOLERANCE = {"float64": 1e-9, "fp32": 1e-3}
 
 
@@ -109,48 +99,6 @@ class Row:
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def status_mb() -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) / 1024
-    return out
-
-
-class PeakMemory:
-    """Peak memory of a block above what was held before it: allocated GPU memory, or on the CPU the resident set
-    (Linux's peak counter reset at the start, /proc/self/clear_refs)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.mb = 0.0
-
-    def __enter__(self) -> PeakMemory:
-        synchronize(self.device)
-        if self.device.type == "cuda":
-            self.before = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.before = status_mb()["VmRSS"]
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        synchronize(self.device)
-        if self.device.type == "cuda":
-            self.mb = (torch.cuda.max_memory_allocated(self.device) - self.before) / 2 ** 20
-        else:
-            self.mb = status_mb()["VmHWM"] - self.before
-
-
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     if a.shape != b.shape:
@@ -158,20 +106,6 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     if b.numel() == 0:
         return 0.0
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def fill_memory(head, generator: torch.Generator) -> None:
-    """A full memory (every row written, the s2s term on), the same rows on every device."""
-    from heads import EmbeddedLoss
-    if not isinstance(head, EmbeddedLoss):
-        return
-    memory = head.s2s.memory
-    rows = memory.features if hasattr(memory, "features") else memory.prototypes
-    values = torch.nn.functional.normalize(torch.randn(rows.shape, generator=generator, dtype=torch.float64), dim=1)
-    with torch.no_grad():
-        rows.copy_(values.to(rows.dtype))
-        memory.valid.fill_(True)
-    head.set_epoch(head.start_epoch)
 
 
 def size(mb: float) -> str:
@@ -193,7 +127,7 @@ def _exact_run(cfg: dict, device: torch.device, dtype: torch.dtype, precision: s
     head = build_head({**cfg, "sample_rate": 1.0, "matmul_precision": precision}, C, D, ClassPartition(C, 1, 0),
                       seed=0).to(dtype)
     g = torch.Generator().manual_seed(5)
-    fill_memory(head, g)
+    fill_memory(head, g, dtype=torch.float64)  # the same rows on every device
     head = head.to(device)
     set_collect_stats(head, False)
     opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -261,7 +195,7 @@ def part_syncs(device: torch.device, z: Sizes) -> list[Row]:
     for rate in (0.1, 1.0):
         for name, cfg in FAMILIES.items():
             head = build_head({**cfg, "sample_rate": rate}, C, D, ClassPartition(C, 1, 0), seed=0)
-            fill_memory(head, torch.Generator().manual_seed(1))
+            fill_memory(head, torch.Generator().manual_seed(1), dtype=torch.float64)
             head = head.to(device)
             opt = HeadOptimizer(head, lr=0.1)
             g = torch.Generator().manual_seed(2)
@@ -286,6 +220,13 @@ def part_syncs(device: torch.device, z: Sizes) -> list[Row]:
 
 
 # --- 3. R100 throughput -----------------------------------------------------------------------------------------------
+def _r100_step(model: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    loss = model(x).float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def part_r100(device: torch.device, z: Sizes) -> list[Row]:
     from backbones import get_model
 
@@ -301,13 +242,7 @@ def part_r100(device: torch.device, z: Sizes) -> list[Row]:
             x = x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         step_model = torch.compile(model, backend=z.compile_backend) if compiled else model
-
-        def step() -> None:
-            loss = step_model(x).float().pow(2).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = functools.partial(_r100_step, step_model, x, opt)
         try:
             t0 = time.perf_counter()
             step()
@@ -329,7 +264,7 @@ def part_r100(device: torch.device, z: Sizes) -> list[Row]:
         except Exception as e:  # noqa: BLE001 - one variant failing (e.g. no compiler for inductor) is a result
             rows.append(Row("r100", f"{z.r100} {label}", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}",
                             "error"))
-        del model, step_model, opt, x
+        del model, step_model, opt, x, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -337,10 +272,12 @@ def part_r100(device: torch.device, z: Sizes) -> list[Row]:
 
 # --- 4. head step at scale --------------------------------------------------------------------------------------------
 def _dense_step(weight, opt, x, y, rate, gen, margin, scale):
-    """The dense-gradient partial FC (bench/bench_head_memory.py's pattern), one process."""
+    """The dense-gradient partial FC (bench/bench_head_memory.py's pattern), one process; ``x`` is copied, so the
+    same batch serves every step."""
     from heads.dist_softmax import dist_cross_entropy
     from heads.margins import cosine, margin_logits
 
+    x = x.clone().requires_grad_(True)
     C = weight.shape[0]
     if rate < 1:
         positives = torch.unique(y)
@@ -355,6 +292,14 @@ def _dense_step(weight, opt, x, y, rate, gen, margin, scale):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def _head_step(head, opt, x, y) -> None:
+    """One step of this project's head on a copy of ``x`` (the same batch serves every step)."""
+    loss, _ = head(x.clone().requires_grad_(True), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
 
 
 def _timed(device: torch.device, step, steps: int) -> tuple[float, float]:
@@ -392,13 +337,7 @@ def part_head(device: torch.device, z: Sizes) -> list[Row]:
                 state_mb = sum(t.numel() * t.element_size() for t in head.buffers()) / 2 ** 20
                 for precision in ("fp32", "tf32", "bf16"):
                     set_matmul_precision(head, precision)
-
-                    def step() -> None:
-                        loss, _ = head(x.clone().requires_grad_(True), y)
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad()
-                    seconds, mb = _timed(device, step, z.head_steps)
+                    seconds, mb = _timed(device, functools.partial(_head_step, head, opt, x, y), z.head_steps)
                     rows.append(Row("head", f"{case}: row-sparse CosFace, {precision}",
                                     f"{ms_gb(seconds, mb)} above its state ({size(state_mb)}: centres + momentum)"))
                 del head, opt
@@ -411,11 +350,11 @@ def part_head(device: torch.device, z: Sizes) -> list[Row]:
                 dense_opt = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
                 gen = torch.Generator(device=device).manual_seed(0)
                 margin = CombinedMargin(1.0, 0.0, 0.4)
-                seconds, mb = _timed(device, lambda: _dense_step(weight, dense_opt, x.clone().requires_grad_(True), y,
-                                                                 rate, gen, margin, 64.0), z.head_steps)
+                step = functools.partial(_dense_step, weight, dense_opt, x, y, rate, gen, margin, 64.0)
+                seconds, mb = _timed(device, step, z.head_steps)
                 rows.append(Row("head", f"{case}: dense-gradient PFC (v2 pattern), fp32",
                                 f"{ms_gb(seconds, mb)} above its weights (+ dense grad and momentum after step 1)"))
-                del weight, dense_opt
+                del weight, dense_opt, step
             except torch.cuda.OutOfMemoryError:
                 rows.append(Row("head", f"{case}: dense-gradient PFC", "OOM"))
             if device.type == "cuda":
@@ -454,7 +393,7 @@ def part_trainer(device: torch.device, z: Sizes) -> list[Row]:
                 "ok")]
 
 
-# --- the table ----------------------------------------------------------------------------------------------------------
+# --- the table --------------------------------------------------------------------------------------------------------
 PARTS = {"exactness": part_exactness, "syncs": part_syncs, "r100": part_r100, "head": part_head,
          "trainer": part_trainer}
 

@@ -12,45 +12,20 @@ import pytest
 import torch
 
 import heads
-from heads import EmbeddedLoss, build_head
+from bench.head_cases import FAMILIES, fill_memory
+from heads import build_head
 from heads.optim import HeadOptimizer
 from heads.partition import ClassPartition
 from tests.distributed import run_ranks
 from tests.sync_count import count_syncs
 
 C, D, B = 1000, 16, 12
-FAMILIES = {
-    "softmax": {"loss": "softmax"},
-    "cosface": {"loss": "cosface"},
-    "arcface": {"loss": "arcface"},
-    "combined_filtering": {"loss": "combined", "margin": [1.1, 0.2, 0.1], "interclass_filtering_threshold": 0.3},
-    "uce": {"loss": "uce"},
-    "uce_diverse": {"loss": "uce_diverse"},
-    "gb_cosface": {"loss": "gb_cosface"},
-    "unitsface": {"loss": "unitsface"},
-    "cosface_s2s_bce": {"loss": "cosface_s2s_bce"},
-    "cosface_s2s_softmax": {"loss": "cosface_s2s_softmax"},
-    "epl": {"loss": "epl"},
-    "uce_epl": {"loss": "uce_epl"},
-}
-
-
-def fill_memory(head, seed: int) -> None:
-    """Every memory row written (the steady state after the first epoch) and the s2s term on."""
-    if not isinstance(head, EmbeddedLoss):
-        return
-    memory = head.s2s.memory
-    rows = memory.features if hasattr(memory, "features") else memory.prototypes
-    g = torch.Generator().manual_seed(seed)
-    rows.copy_(torch.nn.functional.normalize(torch.randn(rows.shape, generator=g), dim=1))
-    memory.valid.fill_(True)
-    head.set_epoch(head.start_epoch)
 
 
 def step_syncs(rank: int, world_size: int, cfg: dict, steps: int = 3, stats_last: bool = False) -> dict:
     """Syncs of each step (forward + backward, then the optimizer) after one warm-up step."""
     head = build_head(cfg, C, D, ClassPartition(C, world_size, rank), seed=0)
-    fill_memory(head, rank)
+    fill_memory(head, torch.Generator().manual_seed(rank))  # the steady state after the first epoch, s2s on
     head.train()
     opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(10 + rank)
