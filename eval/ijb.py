@@ -28,7 +28,6 @@ each rank embeds a slice of the images and rank 0 scores.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import math
@@ -41,16 +40,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from eval.features import (
-    FaceImages,
-    add_model_arguments,
-    checkpoint_label,
-    embed,
-    init_distributed_from_env,
-    model_from_arguments,
-)
+from eval.cli import EvalRun, eval_parser
+from eval.features import FaceImages
 from eval.roc import DEFAULT_FARS, RocCurve, far_label, plot_roc, roc_curve, tar_at_far
-from eval.tables import format_table, output_dir_for, write_results
+from eval.tables import format_table, write_results
 
 __all__ = [
     "SUBSETS",
@@ -593,14 +586,12 @@ def _identification_rows(result: dict[str, Any]) -> tuple[list[str], list[list[A
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.ijb",
-        description="IJB-B/IJB-C 1:1 verification (TAR@FAR) and 1:N identification of a backbone, insightface's "
-                    "protocol: 5-point alignment, flip-sum features, faceness weighting, media/template pooling.",
+    parser = eval_parser(
+        "python -m eval.ijb",
+        "IJB-B/IJB-C 1:1 verification (TAR@FAR) and 1:N identification of a backbone, insightface's protocol: "
+        "5-point alignment, flip-sum features, faceness weighting, media/template pooling.",
+        data_help="folder holding IJBB/ and IJBC/ (insightface layout), or one subset folder itself",
     )
-    add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="folder holding IJBB/ and IJBC/ (insightface layout), or one "
-                        "subset folder itself")
     parser.add_argument("--subset", default="IJBC", type=str.upper, choices=sorted(SUBSETS))
     parser.add_argument("--no-flip", action="store_true", help="features of the image only (no flip sum)")
     parser.add_argument("--no-faceness", action="store_true", help="do not weight images by detector faceness")
@@ -615,35 +606,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                              "(default: OUT/<subset>_features.npy)")
     args = parser.parse_args(argv)
 
-    rank, world, device = init_distributed_from_env(args.device)
-    meta = read_ijb_meta(args.data, args.subset, with_pairs=rank == 0)  # only rank 0 scores
-    out_dir = output_dir_for(args.weights, args.out)
+    run = EvalRun.start(args)
+    meta = read_ijb_meta(args.data, args.subset, with_pairs=run.rank == 0)  # only rank 0 scores
+    out_dir = run.out_dir()
     stem = args.subset.lower()
     features_path = Path(args.features) if args.features else out_dir / f"{stem}_features.npy"
-    label = args.label or checkpoint_label(args.weights)
-    progress = False if args.no_progress else None
-
-    flip: bool | None = not args.no_flip
-    if features_path.is_file():
-        feats, flip = (np.load(features_path, mmap_mode="r") if rank == 0 else None), None
-        if rank == 0:
-            print(f"reusing image features {features_path} {feats.shape} (extracted earlier; --no-flip has no effect)")
-    else:
-        model, _ = model_from_arguments(args, device)
-        images = FaceImages(meta.image_paths, meta.landmarks)
-        t = time.perf_counter()
-        feats = embed(model, images, batch_size=args.batch_size, device=device, flip=not args.no_flip,
-                      normalize=False, num_workers=args.num_workers, progress=progress, desc=f"{args.subset} features")
-        if rank == 0:
-            print(f"embedded {len(images)} images in {time.perf_counter() - t:.1f} s on {world} rank(s)")
-            features_path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(features_path, feats)
-    if rank != 0:
+    label = run.label
+    feats, reused = run.cached_features(features_path, FaceImages(meta.image_paths, meta.landmarks),
+                                        flip=not args.no_flip, normalize=False, desc="image")
+    if run.rank != 0:
         return None
 
     result, curve = evaluate_ijb(meta, np.asarray(feats), faceness=not args.no_faceness,
-                                 normalize_images=args.normalize_images, one_to_n=not args.no_1n, device=device)
-    result["protocol"]["flip"] = flip if flip is not None else "as when the reused features were extracted"
+                                 normalize_images=args.normalize_images, one_to_n=not args.no_1n, device=run.device)
+    result["protocol"]["flip"] = "as when the reused features were extracted" if reused else not args.no_flip
     result.update({"kind": "ijb", "weights": str(args.weights), "label": label, "features": str(features_path)})
     title = SUBSETS[args.subset]["title"]
     roc_path = plot_roc({label: curve}, out_dir / f"roc_{stem}.png", title=f"{title} 1:1 verification")

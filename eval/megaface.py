@@ -43,7 +43,6 @@ CLI: ``python -m eval.megaface --weights PATH --data DIR [--facescrub-noises F -
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -55,16 +54,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.features import (
-    FaceImages,
-    add_model_arguments,
-    checkpoint_label,
-    embed,
-    init_distributed_from_env,
-    model_from_arguments,
-)
+from eval.cli import EvalRun, eval_parser
+from eval.features import FaceImages
 from eval.roc import far_label, tar_from_top_negatives
-from eval.tables import format_table, output_dir_for, write_results
+from eval.tables import format_table, write_results
 
 __all__ = [
     "MegaFaceError",
@@ -271,50 +264,13 @@ def megaface_metrics(
 # ----------------------------------------------------------------------------------------------------- the CLI
 
 
-def _features(
-    args: argparse.Namespace, model_box: dict, device: torch.device, images: FaceImages, path: Path, desc: str,
-    rank: int,
-) -> np.ndarray | None:
-    """Reuse ``path`` if it exists, else extract (memmap on rank 0) and keep it there."""
-    if path.is_file():
-        if rank == 0:
-            print(f"reusing {desc} features {path}")
-            feats = np.load(path, mmap_mode="r")
-            if feats.shape[0] != len(images):
-                raise MegaFaceError(f"{path}: {feats.shape[0]} rows, but the list has {len(images)} images")
-            return feats
-        return None
-    if "model" not in model_box:
-        model_box["model"], _ = model_from_arguments(args, device)
-    out = None
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        dim = getattr(model_box["model"], "num_features", None)
-        if dim is not None:
-            out = np.lib.format.open_memmap(path.with_suffix(".partial.npy"), mode="w+", dtype=np.float32,
-                                            shape=(len(images), dim))
-    feats = embed(model_box["model"], images, batch_size=args.batch_size, device=device, flip=True, normalize=True,
-                  num_workers=args.num_workers, progress=False if args.no_progress else None, desc=desc, out=out)
-    if rank != 0:
-        return None
-    if out is not None:
-        out.flush()
-        del out
-        path.with_suffix(".partial.npy").replace(path)
-    else:
-        np.save(path, feats)
-    return np.load(path, mmap_mode="r")
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.megaface",
-        description="MegaFace challenge 1: rank-1 identification and TAR@FAR=1e-6 of FaceScrub probes against the "
-                    "distractor set, chunked (no devkit binary).",
+    parser = eval_parser(
+        "python -m eval.megaface",
+        "MegaFace challenge 1: rank-1 identification and TAR@FAR=1e-6 of FaceScrub probes against the distractor set, "
+        "chunked (no devkit binary).",
+        data_help="MegaFace test pack folder (facescrub_lst, megaface_lst, facescrub_images/, megaface_images/)",
     )
-    add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="MegaFace test pack folder (facescrub_lst, megaface_lst, "
-                        "facescrub_images/, megaface_images/)")
     parser.add_argument("--facescrub-lst", default=None)
     parser.add_argument("--megaface-lst", default=None)
     parser.add_argument("--facescrub-root", default=None)
@@ -331,24 +287,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
                         help="where the feature .npy files are reused from / written to (default: OUT)")
     args = parser.parse_args(argv)
 
-    rank, world, device = init_distributed_from_env(args.device)
+    run = EvalRun.start(args)
     data = read_megaface_set(args.data, args.facescrub_lst, args.megaface_lst, args.facescrub_root,
                              args.megaface_root, args.max_distractors)
-    out_dir = output_dir_for(args.weights, args.out)
+    out_dir = run.out_dir()
     feat_dir = Path(args.features_dir) if args.features_dir else out_dir
-    label = args.label or checkpoint_label(args.weights)
-    model_box: dict = {}
     t0 = time.perf_counter()
     probe_path = feat_dir / "megaface_facescrub_features.npy"
     distractor_path = feat_dir / f"megaface_distractor_features_{len(data.distractor_names)}.npy"
-    probes = _features(args, model_box, device, FaceImages(data.probe_paths), probe_path, "FaceScrub", rank)
-    distractors = _features(args, model_box, device, FaceImages(data.distractor_paths), distractor_path,
-                            "MegaFace distractors", rank)
-    if rank != 0:
+    probes, _ = run.cached_features(probe_path, FaceImages(data.probe_paths), flip=True, normalize=True,
+                                    desc="FaceScrub")
+    distractors, _ = run.cached_features(distractor_path, FaceImages(data.distractor_paths), flip=True,
+                                         normalize=True, desc="MegaFace distractors")
+    if run.rank != 0:
         return None
     t1 = time.perf_counter()
 
-    probe_feats = _normalise(torch.from_numpy(np.array(probes, dtype=np.float32)).to(device))
+    probe_feats = _normalise(torch.from_numpy(np.array(probes, dtype=np.float32)).to(run.device))
     identities = data.probe_identities
     noise: dict[str, Any] = {"policy": args.noise_policy}
     if args.facescrub_noises:
@@ -361,13 +316,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         noise["distractors_listed_in_set"] = int(noisy_d.sum())
     result = megaface_metrics(probe_feats, identities, distractors, noisy_d, DEFAULT_RANKS, args.fars,
                               args.chunk_rows, progress=not args.no_progress and sys.stderr.isatty())
-    result.update({"kind": "megaface", "weights": str(args.weights), "label": label, "noise": noise,
+    result.update({"kind": "megaface", "weights": str(args.weights), "label": run.label, "noise": noise,
                    "features": {"facescrub": str(probe_path), "distractors": str(distractor_path)},
                    "seconds": {"features": t1 - t0, "scoring": time.perf_counter() - t1}})
 
     header = ["method", "distractors"] + [f"rank-{k}" for k in DEFAULT_RANKS] + \
              [f"TAR@FAR={f}" for f in result["verification"]["tar_at_far"]]
-    rows = [[label, result["distractors"]]
+    rows = [[run.label, result["distractors"]]
             + [f"{100 * result['identification']['rank'][str(k)]:.2f}" for k in DEFAULT_RANKS]
             + [f"{100 * v:.2f}" for v in result["verification"]["tar_at_far"].values()]]
     refined = " (refined lists)" if args.facescrub_noises or args.megaface_noises else ""

@@ -18,7 +18,6 @@ to the checkpoint (or in ``--out``).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,18 +45,10 @@ __all__ = [
 THRESHOLDS = np.arange(0.0, 4.0, 0.01)  # insightface's grid: 400 values 0.00 … 3.99
 
 
-def extract_embeddings(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    batch_size: int = 64,
-    device: torch.device | str | None = None,
-    progress: bool | None = None,
-    desc: str = "embed",
-) -> np.ndarray:
-    """Flip-summed, L2-normalised embeddings float32 [M, D] of uint8 images [M, 3, H, W], all in this process
-    (eval.features.embed with normalize=True, sharded=False)."""
-    return embed(model, images, batch_size=batch_size, device=device, flip=True, normalize=True, progress=progress,
-                 desc=desc, sharded=False)
+def extract_embeddings(*args: Any, **kwargs: Any) -> np.ndarray:
+    """:func:`embed_sharded` (same arguments) with every image embedded in this process, whatever the process
+    group: float32 [M, D] of uint8 images [M, 3, H, W] (eval.features.embed with normalize=True, sharded=False)."""
+    return embed_sharded(*args, **kwargs, sharded=False)
 
 
 def fold_slices(n: int, nfolds: int) -> list[slice]:
@@ -150,11 +141,13 @@ def embed_sharded(
     device: torch.device | str | None = None,
     progress: bool | None = None,
     desc: str = "embed",
+    sharded: bool = True,
 ) -> np.ndarray | None:
-    """:func:`extract_embeddings` split over the ranks of the default process group (eval.features.embed): each
-    rank embeds its contiguous slice, rank 0 receives all of them in order ([M, D]); other ranks get None."""
+    """Flip-summed, L2-normalised embeddings float32 [M, D] of uint8 images [M, 3, H, W], split over the ranks of
+    the default process group (eval.features.embed with normalize=True): each rank embeds its contiguous slice,
+    rank 0 receives all of them in order; other ranks get None."""
     return embed(model, images, batch_size=batch_size, device=device, flip=True, normalize=True, progress=progress,
-                 desc=desc)
+                 desc=desc, sharded=sharded)
 
 
 def verify_loaded(
@@ -168,10 +161,11 @@ def verify_loaded(
     progress: bool | None = None,
 ) -> dict[str, Any] | None:
     """Verification of already decoded bin images (sharded over ranks); the result dict on rank 0, else None."""
-    emb = embed_sharded(model, images, batch_size, device, progress, desc=Path(path).stem)
+    target = Path(path).stem
+    emb = embed_sharded(model, images, batch_size, device, progress, desc=target)
     if emb is None:
         return None
-    return {"target": Path(path).stem, "path": str(path), **evaluate_pairs(emb, issame, nfolds)}
+    return {"target": target, "path": str(path), **evaluate_pairs(emb, issame, nfolds)}
 
 
 def verify_bins(
@@ -252,14 +246,14 @@ def select_bins(items: Sequence[str], targets: Sequence[str] | None = None) -> t
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    from eval.features import add_model_arguments, checkpoint_label, init_distributed_from_env, model_from_arguments
-    from eval.tables import output_dir_for, write_results
+    from eval.cli import EvalRun, eval_parser
+    from eval.tables import write_results
 
-    parser = argparse.ArgumentParser(
-        prog="python -m eval.verification",
-        description="Verification accuracy (10-fold, flip-summed embeddings) of a backbone on InsightFace .bin sets.",
+    parser = eval_parser(
+        "python -m eval.verification",
+        "Verification accuracy (10-fold, flip-summed embeddings) of a backbone on InsightFace .bin sets.",
+        batch_size=64,
     )
-    add_model_arguments(parser, batch_size=64)
     parser.add_argument("--bins", nargs="+", required=True, help="directories (all *.bin inside) and/or .bin files")
     parser.add_argument("--targets", nargs="+", default=None, metavar="NAME",
                         help="evaluate only these bins of the folders (file stems, e.g. lfw cfp_fp agedb_30)")
@@ -269,37 +263,34 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     bins, skipped = select_bins(args.bins, args.targets)
     explicit = {str(Path(b)) for b in args.bins if Path(b).is_file()}
-    rank, _, device = init_distributed_from_env(args.device)
-    model, model_cfg = model_from_arguments(args, device)
+    run = EvalRun.start(args)
+    model, model_cfg = run.model()
     unusable: list[dict[str, str]] = []
-    results = verify_bins(model, bins, args.batch_size, device, args.nfolds,
+    results = verify_bins(model, bins, args.batch_size, run.device, args.nfolds,
                           progress=False if args.no_progress else None, skipped=unusable)
     for s in unusable:
         if s["path"] in explicit:  # a file named on the command line must be usable
             raise SystemExit(f"error: {s['path']}: {s['reason']}")
     skipped += unusable
-    if not results and rank == 0:
+    if not results and run.rank == 0:
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
         raise SystemExit(f"error: no usable verification bin ({reasons})")
-    if rank != 0:
+    if run.rank != 0:
         return results
-    label = args.label or checkpoint_label(args.weights)
     print(format_table(results, title=f"{model_cfg['name']} @ {args.weights}"))
     if skipped:
         print(f"skipped {len(skipped)} bin(s):")
         for s in skipped:
             print(f"  {s['path']}: {s['reason']}")
-    data = {"kind": "verification", "weights": str(args.weights), "label": label, "model": model_cfg,
+    data = {"kind": "verification", "weights": str(args.weights), "label": run.label, "model": model_cfg,
             "results": results, "skipped": skipped}
-    out_dir = output_dir_for(args.weights, args.out)
-    json_path, csv_path = write_results(out_dir, "eval_verification", data, *_table_rows(results))
+    json_path, csv_path = write_results(run.out_dir(), "eval_verification", data, *_table_rows(results))
     written = [json_path, csv_path]
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(data, indent=2) + "\n")
         written.append(Path(args.json_out))
     print("results written to " + ", ".join(map(str, written)))
     return results
-
 
 if __name__ == "__main__":
     main()
