@@ -29,7 +29,10 @@ def _state(engine, head, head_opt) -> dict:
     return out
 
 
-def _run(rank, world, zero_stage, loss_name, bad_rank):
+def _engine_and_head(rank, world, head_cfg, *overrides, head_seed=0, seed=None):
+    """What every run here builds on its gloo rank: DeepSpeed around a tiny backbone on the CPU (config: the base
+    file with ``overrides`` beside the batch size) and the head with its optimizer (lr 0.1, momentum 0.9, wd 5e-4).
+    ``seed``: torch.manual_seed before the backbone is made, for runs that are compared with another."""
     import os
 
     import backbones
@@ -39,19 +42,30 @@ def _run(rank, world, zero_stage, loss_name, bad_rank):
     from trainer.config import load_config
     from trainer.distributed import prepare_deepspeed
     from trainer.engine import build_engine
-    from trainer.guard import StepGuard
 
     os.environ["LOCAL_RANK"] = str(rank)
     prepare_deepspeed(torch.device("cpu"))
-    torch.manual_seed(0)
+    if seed is not None:
+        torch.manual_seed(seed)
     backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
-    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.zero_stage={zero_stage}",
-                             "deepspeed.gradient_clipping=0"])  # clipping: see the test below
+    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", *overrides])
     engine, _ = build_engine(backbone, cfg, world)
-    head = heads.build_head({"loss": loss_name, "scale": 16.0, **({"s2s_start_epoch": 0} if loss_name == "unitsface"
-                                                                    else {})},
-                            num_classes=C, embedding_size=D, partition=ClassPartition(C, world, rank), seed=3)
-    head_opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    head = heads.build_head(head_cfg, num_classes=C, embedding_size=D, partition=ClassPartition(C, world, rank),
+                            seed=head_seed)
+    return engine, head, HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def _guarded_case(rank, world, zero_stage, loss_name):
+    """The set-up of the bad-step test and its reference run (no clipping: see the clipping test)."""
+    head_cfg = {"loss": loss_name, "scale": 16.0, **({"s2s_start_epoch": 0} if loss_name == "unitsface" else {})}
+    return _engine_and_head(rank, world, head_cfg, f"deepspeed.zero_stage={zero_stage}",
+                            "deepspeed.gradient_clipping=0", head_seed=3, seed=0)
+
+
+def _run(rank, world, zero_stage, loss_name, bad_rank):
+    from trainer.guard import StepGuard
+
+    engine, head, head_opt = _guarded_case(rank, world, zero_stage, loss_name)
     guard = StepGuard(engine, head, head_opt, max_consecutive=2)
     g = torch.Generator().manual_seed(10 + rank)
     batches = [(torch.rand(B, 3, 112, 112, generator=g) * 2 - 1, torch.randint(0, C, (B,), generator=g))
@@ -83,27 +97,7 @@ def _run(rank, world, zero_stage, loss_name, bad_rank):
 
 def _reference(rank, world, zero_stage, loss_name):
     """The same run without the bad step: steps 0 and 2 only."""
-    import os
-
-    import backbones
-    import heads
-    from heads.optim import HeadOptimizer
-    from heads.partition import ClassPartition
-    from trainer.config import load_config
-    from trainer.distributed import prepare_deepspeed
-    from trainer.engine import build_engine
-
-    os.environ["LOCAL_RANK"] = str(rank)
-    prepare_deepspeed(torch.device("cpu"))
-    torch.manual_seed(0)
-    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
-    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.zero_stage={zero_stage}",
-                             "deepspeed.gradient_clipping=0"])  # clipping: see the test below
-    engine, _ = build_engine(backbone, cfg, world)
-    head = heads.build_head({"loss": loss_name, "scale": 16.0, **({"s2s_start_epoch": 0} if loss_name == "unitsface"
-                                                                    else {})},
-                            num_classes=C, embedding_size=D, partition=ClassPartition(C, world, rank), seed=3)
-    head_opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    engine, head, head_opt = _guarded_case(rank, world, zero_stage, loss_name)
     g = torch.Generator().manual_seed(10 + rank)
     batches = [(torch.rand(B, 3, 112, 112, generator=g) * 2 - 1, torch.randint(0, C, (B,), generator=g))
                for _ in range(3)]
@@ -133,24 +127,9 @@ def test_a_non_finite_step_changes_nothing_and_the_next_one_trains_as_if_it_neve
 
 
 def _nan_every_step(rank, world):
-    import os
-
-    import backbones
-    import heads
-    from heads.optim import HeadOptimizer
-    from heads.partition import ClassPartition
-    from trainer.config import load_config
-    from trainer.distributed import prepare_deepspeed
-    from trainer.engine import build_engine
     from trainer.guard import NonFiniteError, StepGuard
 
-    os.environ["LOCAL_RANK"] = str(rank)
-    prepare_deepspeed(torch.device("cpu"))
-    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
-    engine, _ = build_engine(backbone, load_config(None, ["data.root=unused", f"train.batch_size={B}"]), world)
-    head = heads.build_head({"loss": "cosface"}, num_classes=C, embedding_size=D,
-                            partition=ClassPartition(C, world, rank), seed=0)
-    head_opt = HeadOptimizer(head, lr=0.1)
+    engine, head, head_opt = _engine_and_head(rank, world, {"loss": "cosface"})
     guard = StepGuard(engine, head, head_opt, max_consecutive=3)
     for k in range(5):
         guard.before_forward()
@@ -173,26 +152,12 @@ def test_k_non_finite_steps_in_a_row_end_the_run_naming_the_step_and_the_records
 
 
 def _count_step_syncs(rank, world, loss_name, clipping):
-    import os
-
-    import backbones
     import heads
-    from heads.optim import HeadOptimizer
-    from heads.partition import ClassPartition
     from tests.sync_count import count_syncs
-    from trainer.config import load_config
-    from trainer.distributed import prepare_deepspeed
-    from trainer.engine import build_engine
     from trainer.guard import StepGuard
 
-    os.environ["LOCAL_RANK"] = str(rank)
-    prepare_deepspeed(torch.device("cpu"))
-    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
-    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", f"deepspeed.gradient_clipping={clipping}"])
-    engine, _ = build_engine(backbone, cfg, world)
-    head = heads.build_head({"loss": loss_name, "scale": 16.0}, num_classes=C, embedding_size=D,
-                            partition=ClassPartition(C, world, rank), seed=0)
-    head_opt = HeadOptimizer(head, lr=0.1)
+    engine, head, head_opt = _engine_and_head(rank, world, {"loss": loss_name, "scale": 16.0},
+                                              f"deepspeed.gradient_clipping={clipping}")
     guard = StepGuard(engine, head, head_opt)
     g = torch.Generator().manual_seed(rank)
     counts = []
@@ -219,26 +184,10 @@ def test_a_training_step_that_is_not_a_log_step_makes_one_host_sync(loss_name):
 
 
 def _clipped(rank, world, use_guard):
-    import os
-
-    import backbones
-    import heads
-    from heads.optim import HeadOptimizer
-    from heads.partition import ClassPartition
-    from trainer.config import load_config
-    from trainer.distributed import prepare_deepspeed
-    from trainer.engine import build_engine
     from trainer.guard import StepGuard
 
-    os.environ["LOCAL_RANK"] = str(rank)
-    prepare_deepspeed(torch.device("cpu"))
-    torch.manual_seed(0)
-    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
-    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}", "deepspeed.gradient_clipping=0.05"])
-    engine, _ = build_engine(backbone, cfg, world)
-    head = heads.build_head({"loss": "cosface", "scale": 16.0}, num_classes=C, embedding_size=D,
-                            partition=ClassPartition(C, world, rank), seed=0)
-    head_opt = HeadOptimizer(head, lr=0.1)
+    engine, head, head_opt = _engine_and_head(rank, world, {"loss": "cosface", "scale": 16.0},
+                                              "deepspeed.gradient_clipping=0.05", seed=0)
     guard = StepGuard(engine, head, head_opt) if use_guard else None
     g = torch.Generator().manual_seed(rank)
     for _ in range(3):
@@ -266,26 +215,10 @@ def test_the_guard_clips_the_backbone_gradient_as_deepspeed_does():
 
 
 def _scaled_run(rank, world, loss_scale, steps):
-    import os
-
-    import backbones
-    import heads
-    from heads.optim import HeadOptimizer
-    from heads.partition import ClassPartition
-    from trainer.config import load_config
-    from trainer.distributed import prepare_deepspeed
-    from trainer.engine import build_engine
     from trainer.guard import StepGuard
 
-    os.environ["LOCAL_RANK"] = str(rank)
-    prepare_deepspeed(torch.device("cpu"))
-    torch.manual_seed(0)
-    backbone = backbones.get_model("iresnet_tiny", num_features=D, depths=(1, 1, 1, 1))
-    cfg = load_config(None, ["data.root=unused", f"train.batch_size={B}"])
-    engine, _ = build_engine(backbone, cfg, world)
-    head = heads.build_head({"loss": "unitsface", "scale": 16.0, "s2s_start_epoch": 0}, num_classes=C,
-                            embedding_size=D, partition=ClassPartition(C, world, rank), seed=3)
-    head_opt = HeadOptimizer(head, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    engine, head, head_opt = _engine_and_head(rank, world, {"loss": "unitsface", "scale": 16.0, "s2s_start_epoch": 0},
+                                              head_seed=3, seed=0)
     guard = StepGuard(engine, head, head_opt, max_consecutive=2, loss_scale=loss_scale, growth_interval=2)
     g = torch.Generator().manual_seed(10 + rank)
     applied, scales = [], []
