@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 
 import numpy as np
 import pytest
@@ -23,21 +22,7 @@ from tests.fixtures_eval import (
     save_image,
     small_model,
 )
-
-# -------------------------------------------------------------------------------- TAR@FAR reference (counting)
-
-
-def brute_force_tar(scores, labels, far):
-    """max TPR over thresholds t in {+inf} ∪ scores with #(neg ≥ t) ≤ ⌊far·N⌋, by counting per threshold."""
-    pos, neg = scores[labels], scores[~labels]
-    budget = math.floor(far * neg.size + 1e-9)
-    best = 0.0
-    for t in np.unique(scores):
-        if (neg >= t).sum() <= budget:
-            best = max(best, (pos >= t).sum() / pos.size)
-    return best
-
-
+from tests.tar_reference import brute_force_tar
 
 # ------------------------------------------------------------------------------------- template pooling, scores
 

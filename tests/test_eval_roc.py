@@ -10,6 +10,7 @@ import pytest
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from eval.roc import DEFAULT_FARS, roc_curve, tar_at_far, tar_from_top_negatives
+from tests.tar_reference import brute_force_tar
 
 # FARs of the IJB tables (written as eval_ijbc.py writes them, 10 ** -k), plus the ends and in-between values
 FARS = [10**-6, 10**-5, 10**-4, 10**-3, 10**-2, 10**-1, 0.0, 0.004, 0.05, 0.3, 0.375, 0.5, 1.0]
@@ -22,17 +23,6 @@ def oracle_tar(scores, labels, far):
     fpr, tpr, _ = sklearn_roc_curve(labels.astype(int), scores)
     distance = np.abs(fpr - far)
     return tpr[np.flatnonzero(distance == distance.min()).max()]
-
-
-def brute_force_le(scores, labels, far):
-    """max TPR over thresholds t in {+inf} ∪ scores with #(neg ≥ t) ≤ ⌊far·N⌋, by counting per threshold."""
-    pos, neg = scores[labels], scores[~labels]
-    budget = math.floor(far * neg.size + 1e-9)
-    best = 0.0
-    for t in np.unique(scores):
-        if (neg >= t).sum() <= budget:
-            best = max(best, (pos >= t).sum() / pos.size)
-    return best
 
 
 def random_set(seed, n, positive_share=0.3, decimals=None, dtype=np.float64):
@@ -101,7 +91,7 @@ def test_insightface_rule_equals_sklearn_oracle(case):
 def test_le_rule_equals_counting(case):
     scores, labels = CASES[case]()
     curve = roc_curve(scores, labels)
-    np.testing.assert_allclose(tar_at_far(curve, FARS), [brute_force_le(scores, labels, f) for f in FARS])
+    np.testing.assert_allclose(tar_at_far(curve, FARS), [brute_force_tar(scores, labels, f) for f in FARS])
 
 
 @pytest.mark.parametrize("seed", range(20))
