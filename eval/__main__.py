@@ -35,6 +35,6 @@ def main(argv: list[str] | None = None) -> object:
 
 if __name__ == "__main__":
     result = main()
-    from eval.launch import exit_process  # the process group a launcher made, torn down cleanly
+    from runtime.process import exit_process  # the process group a launcher made, torn down cleanly
 
     exit_process(result if isinstance(result, int) else 0)

@@ -1,7 +1,8 @@
 """Build a backbone for evaluation from any checkpoint: ours or an arcface_torch ``backbone.pth``.
 
-Two layouts are accepted:
+Accepted (the folders and files are runtime/layout.py's, the layout the trainer writes):
 - a file: an arcface_torch-style ``backbone.pth`` state dict — the network name must be given;
+- a run folder (OUTPUT, holding checkpoints/latest): its newest complete checkpoint;
 - a directory holding ``backbone.pth`` + ``config.yaml`` (our checkpoints): the YAML has a top-level ``model:``
   mapping whose ``name`` is the network. Its other keys hold constructor arguments (``num_features``, ``dropout``)
   beside the trainer's runtime settings (``precision``, ``loss_scale``, ``compile``, ...): the keys the network's
@@ -22,15 +23,9 @@ import torch
 import yaml
 
 import backbones
+from runtime.layout import BACKBONE_FILE, CONFIG_FILE, CheckpointError, newest_checkpoint
 
 __all__ = ["CheckpointError", "read_model_config", "load_model_for_eval"]
-
-BACKBONE_FILE = "backbone.pth"
-CONFIG_FILE = "config.yaml"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path or its config.yaml cannot be turned into a model."""
 
 
 def read_model_config(config_path: str | os.PathLike) -> dict[str, Any]:
@@ -69,6 +64,8 @@ def load_model_for_eval(
     checkpoint directory, must agree with its config.
     """
     path = Path(weights)
+    if path.is_dir() and not (path / BACKBONE_FILE).is_file() and newest_checkpoint(path) is not None:
+        path = newest_checkpoint(path)  # a run folder: its newest checkpoint
     if path.is_dir():
         config_path, weights_path = path / CONFIG_FILE, path / BACKBONE_FILE
         for needed in (config_path, weights_path):

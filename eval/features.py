@@ -11,7 +11,7 @@ aligns them from 5 landmarks when given (eval.align). For every image:
     feature = f(x) + f(horizontally flipped x)    (``flip=False``: f(x))
     feature /= ‖feature‖ (in float64)             (``normalize=True``: verification, MegaFace; IJB pools raw ones)
 
-Several ranks (torchrun, the deepspeed launcher or srun — eval.launch): rank r embeds the contiguous slice
+Several ranks (torchrun, the deepspeed launcher or srun — runtime.process): rank r embeds the contiguous slice
 ``rank_slice(N, r, W)`` and rank 0 gathers every row, in fixed-size rounds, into its result (an array, or ``out`` —
 e.g. a ``np.lib.format.open_memmap`` when a million rows should not sit in RAM); the other ranks get None.
 
@@ -34,7 +34,8 @@ import yaml
 from tqdm import tqdm
 
 from eval.align import AlignmentError, align_face
-from eval.launch import choose_device, cuda_device_index, dist_rank_world, init_distributed_from_env
+from runtime.process import agree_max, collective_device, rank_world
+from runtime.process import start as start_rank
 
 __all__ = [
     "FeatureError",
@@ -42,10 +43,7 @@ __all__ = [
     "rank_slice",
     "embed",
     "extract_features",
-    "dist_rank_world",
     "init_distributed_from_env",
-    "choose_device",
-    "cuda_device_index",
     "add_model_arguments",
     "model_from_arguments",
     "checkpoint_label",
@@ -163,9 +161,8 @@ def _embed_local(model, images, n: int, batch_size: int, device: torch.device, f
 
 def _gather_to_rank0(local: np.ndarray | None, n: int, dim: int, out: np.ndarray | None) -> np.ndarray | None:
     """Collect every rank's rows (rank r holds rank_slice(n, r, W)) into ``out`` on rank 0, in fixed-size rounds."""
-    rank, world = dist_rank_world()
-    nccl = dist.get_backend() == "nccl"
-    comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    rank, world = rank_world()
+    comm_device = collective_device()
     slices = [rank_slice(n, r, world) for r in range(world)]
     longest = max(s.stop - s.start for s in slices)
     for start in range(0, longest, _GATHER_ROWS):
@@ -214,7 +211,7 @@ def embed(
     if n == 0:
         raise FeatureError("no images to embed")
     device = torch.device(device) if device is not None else _model_device(model)
-    rank, world = dist_rank_world() if sharded else (0, 1)
+    rank, world = rank_world() if sharded else (0, 1)
     share = rank_slice(n, rank, world)
     if world == 1:
         local_images = images
@@ -235,11 +232,7 @@ def embed(
         return local
 
     # a rank with no items learns D from the others
-    dim_t = torch.tensor([0 if local is None else local.shape[1]], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        dim_t = dim_t.cuda()
-    dist.all_reduce(dim_t, op=dist.ReduceOp.MAX)
-    dim = int(dim_t.item())
+    dim = int(agree_max(0 if local is None else local.shape[1]))
     if rank == 0:
         if out is None:
             out = np.empty((n, dim), dtype=np.float32)
@@ -303,6 +296,12 @@ def model_from_arguments(args: argparse.Namespace, device: torch.device) -> tupl
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     return model.to(device), model_cfg
+
+
+def init_distributed_from_env(device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group the launcher describes (runtime.process.start) and pick this rank's device: (rank,
+    world size, device). ``device``: --device (``cpu``, ``cuda:1``; a bare ``cuda`` or None: this rank's GPU)."""
+    return start_rank(device)
 
 
 def checkpoint_label(weights: str | os.PathLike) -> str:

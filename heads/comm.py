@@ -42,21 +42,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from runtime.process import is_distributed, rank_world
+
 
 class DistributedInputError(ValueError):
     """Ranks passed inconsistent inputs to a collective (e.g. different per-rank batch sizes)."""
-
-
-def is_distributed() -> bool:
-    """True when torch.distributed is initialised (even with a single rank)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def world() -> tuple[int, int]:
-    """(world_size, rank); (1, 0) when torch.distributed is not initialised."""
-    if not is_distributed():
-        return 1, 0
-    return dist.get_world_size(), dist.get_rank()
 
 
 _CHECKED: dict[str, tuple[object, tuple[int, ...]]] = {}  # what -> (process group, shape) last checked
@@ -73,7 +63,7 @@ def _check_same_shape(t: Tensor, what: str) -> None:
     if last is not None and last[0] is group and last[1] == tuple(t.shape):
         return
     _CHECKED.pop(what, None)
-    world_size, rank = world()
+    rank, world_size = rank_world()
     shape = torch.tensor(list(t.shape), dtype=torch.long, device=t.device)
     shapes = [torch.empty_like(shape) for _ in range(world_size)]
     dist.all_gather(shapes, shape)
@@ -87,7 +77,7 @@ def _check_same_shape(t: Tensor, what: str) -> None:
 
 
 def _all_gather_cat(t: Tensor) -> Tensor:
-    world_size, _ = world()
+    world_size = rank_world()[1]
     t = t.contiguous()
     parts = [torch.empty_like(t) for _ in range(world_size)]
     dist.all_gather(parts, t)
@@ -99,7 +89,7 @@ class _GatherEmbeddings(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_local: Tensor) -> Tensor:  # type: ignore[override]
-        world_size, rank = world()
+        rank, world_size = rank_world()
         ctx.world_size, ctx.rank, ctx.rows = world_size, rank, x_local.shape[0]
         return _all_gather_cat(x_local)
 
@@ -169,7 +159,7 @@ def all_reduce_sum_(t: Tensor) -> Tensor:
 @torch.no_grad()
 def rank_mean(t: Tensor) -> Tensor:
     """Mean over ranks (detached copy), for scalar states that must stay identical on every rank."""
-    world_size, _ = world()
+    world_size = rank_world()[1]
     out = t.detach().clone()
     if world_size > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)

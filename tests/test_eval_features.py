@@ -1,4 +1,4 @@
-"""The one embedding pipeline (eval.features.embed) and eval's own launcher handling (eval.launch): device choice
+"""The one embedding pipeline (eval.features.embed) and the launcher handling eval uses (runtime.process): device choice
 under srun / torchrun, tensor and file inputs, normalisation, output arrays, several ranks, and an srun-style
 two-task run of the verification command."""
 
@@ -14,16 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval.features import FaceImages, FeatureError, embed, extract_features, rank_slice
-from eval.launch import (
-    Launch,
-    LaunchError,
-    choose_device,
-    cuda_device_index,
-    detect_launch,
-    first_host,
-    init_distributed_from_env,
-)
+from eval.features import FaceImages, FeatureError, embed, extract_features, init_distributed_from_env, rank_slice
+from runtime.process import LaunchError, choose_device, first_host
+from runtime.process import detect as detect_launch
+from runtime.process import device_index as cuda_device_index
 from tests.distributed import free_port, run_ranks
 from tests.fixtures_eval import identity_field, save_image, small_model
 
@@ -38,7 +32,8 @@ SRUN_TASK_3 = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3", "
 def test_srun_task_with_one_visible_gpu_uses_cuda_0():
     # srun --gpus-per-task=1: task with local id 3 sees exactly one GPU, which is cuda:0 for it
     launch = detect_launch(SRUN_TASK_3)
-    assert launch == Launch(3, 4, 3, "gpu07", 15000 + 4242, "slurm")
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port,
+            launch.launcher) == (3, 4, 3, "gpu07", 15000 + 4242, "slurm")
     assert cuda_device_index(launch.local_rank, device_count=1) == 0
     assert choose_device(None, launch.local_rank, device_count=1) == torch.device("cuda", 0)
     assert choose_device("cuda", launch.local_rank, device_count=1) == torch.device("cuda", 0)
@@ -61,7 +56,9 @@ def test_device_choice_without_cuda_and_explicit_devices():
 def test_launchers_are_recognised():
     torchrun = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29400",
                 "TORCHELASTIC_RUN_ID": "x"}
-    assert detect_launch(torchrun) == Launch(5, 8, 1, "n1", 29400, "torchrun")
+    launch = detect_launch(torchrun)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port,
+            launch.launcher) == (5, 8, 1, "n1", 29400, "torchrun")
     deepspeed = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     assert detect_launch(deepspeed).launcher == "deepspeed"
     # the batch script itself (no srun step) and a plain process are one process

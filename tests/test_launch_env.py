@@ -1,7 +1,7 @@
 """One DistEnv from every launcher's variables."""
 import pytest
 
-from trainer.distributed import LaunchError, detect, first_host
+from runtime.process import LaunchError, detect, first_host
 
 
 def test_deepspeed_launcher():
@@ -19,7 +19,8 @@ def test_torchrun():
 
 def test_slurm_srun():
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "gpu[07-08,11],cpu1", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+           "SLURM_JOB_NODELIST": "gpu[07-08,11],cpu1", "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+           "SLURM_STEP_NUM_TASKS": "16"}
     d = detect(env)
     assert (d.rank, d.world_size, d.local_rank, d.local_world_size, d.master_addr, d.launcher) == \
         (5, 16, 1, 8, "gpu07", "slurm")
@@ -58,12 +59,12 @@ def test_cpu_runs_build_no_deepspeed_op():
 # --- which GPU a rank uses, and what DeepSpeed is told ---------------------------------------------------------------
 @pytest.mark.parametrize("local_rank,count,index", [(0, 8, 0), (3, 8, 3), (3, 1, 0), (5, 4, 1), (0, 1, 0)])
 def test_device_index_is_the_local_rank_among_the_visible_gpus(local_rank, count, index):
-    from trainer.distributed import device_index
+    from runtime.process import device_index
     assert device_index(local_rank, count) == index
 
 
 def test_device_index_errors_name_what_was_expected():
-    from trainer.distributed import device_index
+    from runtime.process import device_index
     with pytest.raises(LaunchError, match="no GPU visible"):
         device_index(0, 0)
     with pytest.raises(LaunchError, match="local rank must be >= 0"):
@@ -73,13 +74,13 @@ def test_device_index_errors_name_what_was_expected():
 def _srun_task_3_of_4():
     """srun --ntasks-per-node=4 --gpus-per-task=1: local id 3, and this task sees ONE GPU (its own, as cuda:0)."""
     return detect({"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3", "SLURM_JOB_ID": "7",
-                   "SLURM_JOB_NODELIST": "gpu01", "SLURM_STEP_TASKS_PER_NODE": "4"})
+                   "SLURM_JOB_NODELIST": "gpu01", "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_STEP_NUM_TASKS": "4"})
 
 
 def test_pick_device_under_srun_with_one_visible_gpu_per_task(monkeypatch):
     import torch
 
-    from trainer.distributed import pick_device
+    from runtime.process import pick_device
     current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -92,7 +93,7 @@ def test_more_ranks_than_visible_gpus_is_refused_before_nccl(monkeypatch):
     """8 ranks on a node that shows them 4 GPUs each would put two NCCL ranks on one GPU ("duplicate GPU")."""
     import torch
 
-    from trainer.distributed import LaunchError, pick_device
+    from runtime.process import LaunchError, pick_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)

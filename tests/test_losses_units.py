@@ -215,7 +215,7 @@ def test_bad_keys_are_named(cfg, match):
 
 def test_every_shipped_config_builds_its_head_through_the_trainer_config():
     from trainer.config import load_config
-    from trainer.train import head_config
+    from trainer.engine import head_config
     configs = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "base.yaml")
     assert len(configs) >= 10
     built = {}

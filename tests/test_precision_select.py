@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainer.config import ConfigError
-from trainer.train import precision_for, resolve_precision
+from trainer.engine import precision_for, resolve_precision
 
 
 @pytest.mark.parametrize("capability,expected", [(None, "fp32"), ((7, 0), "fp16"), ((7, 5), "fp16"),
@@ -42,7 +42,7 @@ def test_backbone_switches_keep_checkpoint_names(tmp_path):
     """model.compile compiles in place (parameter names, so checkpoints, unchanged); channels_last and
     cudnn.benchmark act on CUDA only."""
     from trainer.config import load_config
-    from trainer.train import build_backbone
+    from trainer.engine import build_backbone
     cfg = load_config(None, ["data.root=x", "model.name=iresnet_tiny", "model.compile=true",
                              "model.channels_last=true"])
     plain = load_config(None, ["data.root=x", "model.name=iresnet_tiny"])

@@ -8,6 +8,6 @@ if __name__ == "__main__":
     code = main()
     if "torch" not in sys.modules:  # --help, a config error: nothing distributed ever started
         sys.exit(code)
-    from trainer.distributed import exit_process
+    from runtime.process import exit_process
 
     exit_process(code)

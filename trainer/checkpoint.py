@@ -1,12 +1,6 @@
 """Checkpoints: engine + head shards + head optimizer + RNG + data position + config, written atomically.
 
-Layout of OUTPUT/checkpoints/TAG/ (TAG = epoch_0003 at the end of epoch 3, 1-based; step_0000123 between epoch ends):
-    <DeepSpeed engine files>           engine.save_checkpoint: backbone weights and its optimizer (ZeRO shards)
-    head/rank_000_of_002.pt            this rank's head state (class-sharded buffers), head optimizer, RNG states
-    backbone.pth                       plain backbone state dict (eval, arcface_torch layout)
-    config.yaml                        the resolved run configuration (eval reads `model:` from it)
-    meta.json                          epoch, step_in_epoch, global_step, world_size, num_classes
-OUTPUT/checkpoints/latest              the tag of the newest complete checkpoint
+The folders and files are runtime/layout.py's (shared with eval, which reads backbone.pth and config.yaml).
 
 Atomicity: everything is written under .tmp-TAG and renamed to TAG by rank 0 after every rank has finished; `latest`
 is replaced last. A crash mid-save leaves the previous checkpoint intact; the next start removes the stale .tmp-*.
@@ -33,20 +27,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from runtime.layout import (
+    BACKBONE_FILE,
+    CONFIG_FILE,
+    LATEST,
+    META_FILE,
+    TMP_PREFIX,
+    CheckpointError,
+    checkpoints_dir,
+    head_file,
+    latest_tag,
+)
+from runtime.process import agree_any, barrier
 from trainer.config import dump_config
 
-LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing or inconsistent; the message names the folder and file."""
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+__all__ = ["CheckpointError", "head_file", "safe_load", "install_safe_loading", "save", "prune", "remove_stale_tmp",
+           "resolve", "read_meta", "engine_files", "load", "reshard_head_state"]
 
 
 # --- loading without running code -----------------------------------------------------------------------------------
@@ -123,9 +120,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def head_file(folder: Path, rank: int, world_size: int) -> Path:
-    return folder / "head" / f"rank_{rank:03d}_of_{world_size:03d}.pt"
-
 
 # --- writing ---------------------------------------------------------------------------------------------------------
 def non_finite_tensors(named: dict) -> list[str]:
@@ -147,15 +141,6 @@ def non_finite_tensors(named: dict) -> list[str]:
     return bad
 
 
-def _agree_all_finite(bad: list[str]) -> bool:
-    flag = torch.tensor([1.0 if bad else 0.0])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return float(flag.item()) == 0.0
-
-
 def save(root: Path, tag: str, *, engine, head, head_opt, cfg: dict, meta: dict, rank: int, world_size: int,
          keep: int | None = None, keep_steps: int | None = None, trainer_state: dict | None = None) -> Path:
     """Write checkpoint `tag` under `root` (collective: call on every rank). Refuses (CheckpointError, on every rank,
@@ -164,26 +149,26 @@ def save(root: Path, tag: str, *, engine, head, head_opt, cfg: dict, meta: dict,
     head_state = {"head": head.state_dict(), "head_optimizer": head_opt.state_dict(), "rng": _rng_state(),
                   "world_size": world_size, "rank": rank, "trainer_state": trainer_state or {}}
     bad = non_finite_tensors({"backbone": engine.module.state_dict(), **head_state})
-    if not _agree_all_finite(bad):
+    if agree_any(bool(bad)):
         mine = f"on this rank: {', '.join(bad[:6])}" if bad else "on another rank"
         raise CheckpointError(f"refusing to write checkpoint {root / tag}: non-finite tensors {mine}; the newest "
                               f"good checkpoint stays in {root / LATEST}")
-    tmp_tag = f".tmp-{tag}"
+    tmp_tag = f"{TMP_PREFIX}{tag}"
     tmp = root / tmp_tag
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
     hf = head_file(tmp, rank, world_size)
     hf.parent.mkdir(parents=True, exist_ok=True)
     torch.save(head_state, hf)
     if rank == 0:
-        torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, tmp / "backbone.pth")
-        (tmp / "config.yaml").write_text(dump_config(cfg))
-        (tmp / "meta.json").write_text(json.dumps({**meta, "world_size": world_size, "tag": tag,
+        torch.save({k: v.detach().cpu() for k, v in engine.module.state_dict().items()}, tmp / BACKBONE_FILE)
+        (tmp / CONFIG_FILE).write_text(dump_config(cfg))
+        (tmp / META_FILE).write_text(json.dumps({**meta, "world_size": world_size, "tag": tag,
                                                    "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
-    _barrier()
+    barrier()
     if rank == 0:
         final = root / tag
         if final.exists():
@@ -193,19 +178,14 @@ def save(root: Path, tag: str, *, engine, head, head_opt, cfg: dict, meta: dict,
         latest_tmp.write_text(tag + "\n")
         os.replace(latest_tmp, root / LATEST)
         prune(root, keep, keep_steps)
-    _barrier()
+    barrier()
     return root / tag
-
-
-def _latest_tag(root: Path) -> str | None:
-    latest = Path(root) / LATEST
-    return latest.read_text().strip() if latest.is_file() else None
 
 
 def prune(root: Path, keep: int | None, keep_steps: int | None) -> list[Path]:
     """Delete all but the newest `keep` epoch_* and `keep_steps` step_* checkpoints (None/0: keep all); never the
     one `latest` names. Returns the deleted folders."""
-    current = _latest_tag(root)
+    current = latest_tag(root)
     deleted = []
     for pattern, n in (("epoch_*", keep), ("step_*", keep_steps)):
         if not n:
@@ -220,7 +200,7 @@ def prune(root: Path, keep: int | None, keep_steps: int | None) -> list[Path]:
 
 def remove_stale_tmp(root: Path) -> list[Path]:
     """Remove `.tmp-*` folders an interrupted save left behind (call on one rank, before training)."""
-    stale = [p for p in Path(root).glob(".tmp-*") if p.is_dir()]
+    stale = [p for p in Path(root).glob(f"{TMP_PREFIX}*") if p.is_dir()]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
@@ -230,19 +210,19 @@ def remove_stale_tmp(root: Path) -> list[Path]:
 def resolve(resume: str, output: Path) -> Path | None:
     """`auto` -> newest complete checkpoint under output/checkpoints (None if there is none); else the given folder."""
     if resume == "auto":
-        latest = Path(output) / "checkpoints" / LATEST
-        if not latest.is_file():
+        tag = latest_tag(checkpoints_dir(output))
+        if tag is None:
             return None
-        folder = latest.parent / latest.read_text().strip()
+        folder = checkpoints_dir(output) / tag
     else:
         folder = Path(resume)
-    if not (folder / "meta.json").is_file():
+    if not (folder / META_FILE).is_file():
         raise CheckpointError(f"train.resume={resume!r}: {folder} is not a complete checkpoint (no meta.json)")
     return folder
 
 
 def read_meta(folder: Path) -> dict:
-    path = Path(folder) / "meta.json"
+    path = Path(folder) / META_FILE
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:

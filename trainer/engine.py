@@ -18,7 +18,47 @@ from pathlib import Path
 
 import torch
 
+import backbones
+from runtime.process import rank_world
 from trainer.config import REPO_ROOT, ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def precision_for(capability: tuple[int, int] | None) -> str:
+    """`model.precision: auto`: bf16 on GPUs with bf16 tensor cores (compute capability 8.0+: A100, H100, ...), fp16
+    with a dynamic loss scale below (V100, T4: bf16 there is emulated, far slower), fp32 without a GPU."""
+    if capability is None:
+        return "fp32"
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"model.precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return precision_for(torch.cuda.get_device_capability(device) if device.type == "cuda" else None)
+
+
+def build_backbone(cfg: dict, device: torch.device, precision: str) -> torch.nn.Module:
+    """The backbone on `device`; on CUDA with cudnn.benchmark (fixed 112x112 input) and, when asked, channels_last
+    memory and torch.compile (in place: parameter names, and so checkpoints, stay as they are)."""
+    m = cfg["model"]
+    model = backbones.get_model(m["name"], num_features=m["num_features"], dropout=m["dropout"],
+                                autocast_dtype=None if precision == "fp32" else precision, **m["kwargs"]).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(m["cudnn_benchmark"])
+        if m["channels_last"]:
+            model = model.to(memory_format=torch.channels_last)
+    if m["compile"]:
+        model.compile()
+    return model
+
+
+def head_config(cfg: dict) -> dict:
+    """The head section without unset (null) keys: the loss then uses its own default for them."""
+    return {k: v for k, v in cfg["head"].items() if v is not None}
 
 
 def load_ds_config(cfg: dict, world_size: int) -> dict:
@@ -106,15 +146,15 @@ def average_buffers(module: torch.nn.Module) -> None:
     an evaluation or a checkpoint every rank takes the mean, so the sharded evaluation and the saved backbone.pth
     describe one model. Training is unaffected: BatchNorm uses batch statistics in train mode.
     """
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = rank_world()[1]
+    if world == 1:
         return
     buffers = [b for b in module.buffers() if b.is_floating_point()]
     if not buffers:
         return
     flat = torch.cat([b.reshape(-1).float() for b in buffers])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    torch.distributed.all_reduce(flat)
+    flat /= world
     offset = 0
     for b in buffers:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from heads.journal import HeadTransaction
+from runtime.process import rank_world
 
 
 class NonFiniteError(FloatingPointError):
@@ -52,6 +53,7 @@ class StepGuard:
             raise ValueError(f"model.loss_scale must be > 0, got {loss_scale}")
         self.engine, self.head, self.head_opt = engine, head, head_opt
         self.max_consecutive = int(max_consecutive)
+        self.world_size = rank_world()[1]
         self.txn = HeadTransaction(head)
         self.zero_stage = int(engine.zero_optimization_stage())
         if self.zero_stage >= 1:
@@ -129,7 +131,7 @@ class StepGuard:
             flags[1].fill_(1.0)
         if checkpoint:
             flags[2].fill_(1.0)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if self.scale is not None:  # GradScaler's rule, on the device, from the agreed flag
             self.overflow_scale = self.scale.clone()

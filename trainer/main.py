@@ -84,7 +84,7 @@ def clear_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what is wrong and where: printed as one line, without a traceback."""
     from data.recordio import RecordIOError
     from heads import HeadConfigError
-    from trainer.checkpoint import CheckpointError
+    from runtime.layout import CheckpointError
     from trainer.guard import NonFiniteError
     from trainer.runlock import RunLockError
     return ConfigError, CheckpointError, RunLockError, NonFiniteError, RecordIOError, HeadConfigError

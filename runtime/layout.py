@@ -1,0 +1,55 @@
+"""What a run leaves on disk, declared once: the trainer writes this layout, eval and the tables read it.
+
+    OUTPUT/checkpoints/TAG/              TAG = epoch_0003 (end of epoch 3, 1-based) or step_0000123 (between ends)
+        <DeepSpeed engine files>         engine.save_checkpoint: backbone weights and its optimizer (ZeRO shards)
+        head/rank_000_of_002.pt          one rank's head state (class-sharded buffers), head optimizer, RNG states
+        backbone.pth                     plain backbone state dict (arcface_torch's layout: eval loads it strictly)
+        config.yaml                      the run's resolved configuration (eval builds the network from `model:`)
+        meta.json                        epoch, position in samples, global step, world size, number of classes
+    OUTPUT/checkpoints/latest            the tag of the newest complete checkpoint (replaced last, atomically)
+    OUTPUT/checkpoints/.tmp-TAG/         a save in progress (renamed to TAG when every rank has written its part)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+BACKBONE_FILE = "backbone.pth"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+HEAD_DIR = "head"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, inconsistent or does not fit; the message names the folder or file."""
+
+
+def checkpoints_dir(output: str | os.PathLike) -> Path:
+    return Path(output) / CHECKPOINTS
+
+
+def epoch_tag(epochs_done: int) -> str:
+    return f"epoch_{epochs_done:04d}"
+
+
+def step_tag(global_step: int) -> str:
+    return f"step_{global_step:07d}"
+
+
+def head_file(folder: str | os.PathLike, rank: int, world_size: int) -> Path:
+    return Path(folder) / HEAD_DIR / f"rank_{rank:03d}_of_{world_size:03d}.pt"
+
+
+def latest_tag(root: str | os.PathLike) -> str | None:
+    """The tag ``root/latest`` names (``root`` = OUTPUT/checkpoints); None when there is none yet."""
+    latest = Path(root) / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def newest_checkpoint(output: str | os.PathLike) -> Path | None:
+    """OUTPUT/checkpoints/<latest> of a run folder; None when ``output`` holds no complete checkpoint."""
+    tag = latest_tag(checkpoints_dir(output))
+    return None if tag is None else checkpoints_dir(output) / tag
