@@ -219,8 +219,7 @@ class Run:
                 break
             data.set_epoch(epoch)
             data.set_start_step(pos.begin_epoch(epoch))
-            if hasattr(head, "set_epoch"):
-                head.set_epoch(epoch)  # losses with start epochs (UniTSFace's USS from 1, EPL from 3)
+            head.set_epoch(epoch)  # losses with start epochs (UniTSFace's USS from 1, EPL from 3)
             self.watchdog.phase(True)
             for images, labels in data:  # already on the device
                 flags = self.step(images, labels)
