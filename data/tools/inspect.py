@@ -14,7 +14,6 @@ end of the .rec).
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import multiprocessing as mp
@@ -27,6 +26,7 @@ import numpy as np
 
 from data.rec_index import looks_grouped, same_label_neighbours, scan_images
 from data.recordio import InsightFaceRec, RecordIOError
+from data.tools.cli import REC_FOLDER, tool_parser
 
 _worker_rec: InsightFaceRec | None = None
 
@@ -158,9 +158,8 @@ def _print_report(r: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.tools.inspect", description=__doc__.split("\n\n")[0],
-                                     epilog="Exit status: 0 sound, 1 damaged records, 2 files unreadable.")
-    parser.add_argument("root", type=Path, help="folder with train.rec, train.idx (and property)")
+    parser = tool_parser("inspect", __doc__, "Exit status: 0 sound, 1 damaged records, 2 files unreadable.")
+    parser.add_argument("root", type=Path, help=REC_FOLDER)
     parser.add_argument("--decode", action="store_true", help="also decode every image and check its size")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="decoding processes for --decode (default: all cores; 0 = in this process)")

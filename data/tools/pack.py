@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from data.recordio import RecordIOError, write_insightface_rec
+from data.tools.cli import progress_bar, tool_parser
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -109,7 +110,7 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, size: tuple[int, int] =
     packed = np.zeros(len(identities), dtype=np.int64)  # images written per label
 
     def samples(results: Iterator[tuple[int, bytes | None, str]]) -> Iterator[tuple[int, bytes]]:
-        for label, data, error in _progress(results, len(tasks), progress):
+        for label, data, error in progress_bar(results, "packing", total=len(tasks), enabled=progress):
             if data is None:
                 if not skip_bad:
                     raise PackError(f"{error} (pass --skip-bad to leave such files out)")
@@ -135,14 +136,6 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, size: tuple[int, int] =
             summary.num_identities, "skipped": skipped, "out": str(out)}
 
 
-def _progress(items, total: int, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, desc="packing", unit="img", unit_scale=True)
-
-
 def parse_size(text: str) -> tuple[int, int]:
     """'112x112' or '112' -> (height, width)."""
     try:
@@ -157,11 +150,10 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.tools.pack", description=__doc__.split("\n\n")[0],
-                                     epilog="Example: python -m data.tools.pack /data/faces_aligned /data/myset "
-                                            "--workers 16 --shuffle")
-    parser.add_argument("src", type=Path, help="folder with one sub-folder of images per identity")
-    parser.add_argument("out", type=Path, help="output folder for train.rec, train.idx, property, identities.tsv")
+    parser = tool_parser("pack", __doc__, "Example: python -m data.tools.pack /data/faces_aligned /data/myset "
+                                          "--workers 16 --shuffle",
+                         src="folder with one sub-folder of images per identity",
+                         out="output folder for train.rec, train.idx, property, identities.tsv")
     parser.add_argument("--size", type=parse_size, default=(112, 112), help="image size HxW (default 112x112)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="encoding processes (default: all cores; 0 = in this process)")

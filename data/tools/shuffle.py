@@ -13,7 +13,6 @@ non-image records, labels vs property) and left untouched.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from data.rec_index import same_label_neighbours, scan_images
 from data.recordio import InsightFaceRec, RecordIOError, write_insightface_rec
+from data.tools.cli import REC_FOLDER, progress_bar, tool_parser
 
 
 def shuffle_rec(src: str | os.PathLike, out: str | os.PathLike, seed: int = 0, with_header: bool = False,
@@ -42,12 +42,7 @@ def shuffle_rec(src: str | os.PathLike, out: str | os.PathLike, seed: int = 0, w
     order = np.random.default_rng(seed).permutation(len(rec))
 
     def samples() -> Iterator[tuple[int, bytes]]:
-        items = order
-        if progress:
-            from tqdm import tqdm
-
-            items = tqdm(order, desc="shuffling", unit="img", unit_scale=True)
-        for i in items:
+        for i in progress_bar(order, "shuffling", enabled=progress):
             yield rec.read(int(i))
 
     summary = write_insightface_rec(out, samples(), num_classes, rec.image_size, with_header=with_header,
@@ -58,11 +53,9 @@ def shuffle_rec(src: str | os.PathLike, out: str | os.PathLike, seed: int = 0, w
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.tools.shuffle", description=__doc__.split("\n\n")[0],
-                                     epilog="Example: python -m data.tools.shuffle /data/ms1m-retinaface-t1 "
-                                            "/data/ms1m-shuffled && python -m data.tools.inspect /data/ms1m-shuffled")
-    parser.add_argument("src", type=Path, help="folder with train.rec, train.idx (and property)")
-    parser.add_argument("out", type=Path, help="output folder (a new train.rec, train.idx, property)")
+    parser = tool_parser("shuffle", __doc__, "Example: python -m data.tools.shuffle /data/ms1m-retinaface-t1 "
+                                             "/data/ms1m-shuffled && python -m data.tools.inspect /data/ms1m-shuffled",
+                         src=REC_FOLDER, out="output folder (a new train.rec, train.idx, property)")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     parser.add_argument("--header", action="store_true", help="write an InsightFace header record (images 1..N)")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT/train.rec")
