@@ -241,20 +241,11 @@ def embed(
     return _gather_to_rank0(local, n, dim, out)
 
 
-def extract_features(
-    model: torch.nn.Module,
-    images: torch.Tensor | torch.utils.data.Dataset,
-    batch_size: int = 128,
-    device: torch.device | str | None = None,
-    flip: bool = True,
-    num_workers: int = 0,
-    progress: bool | None = None,
-    desc: str = "features",
-    out: np.ndarray | None = None,
-) -> np.ndarray | None:
-    """:func:`embed` without normalisation (IJB pools raw flip-summed features), sharded over the ranks."""
-    return embed(model, images, batch_size=batch_size, device=device, flip=flip, normalize=False,
-                 num_workers=num_workers, progress=progress, desc=desc, out=out)
+def extract_features(model: torch.nn.Module, images: torch.Tensor | torch.utils.data.Dataset,
+                     **options: Any) -> np.ndarray | None:
+    """:func:`embed` without normalisation (IJB pools raw flip-summed features), sharded over the ranks; ``options``
+    are embed's (batch_size, device, flip, num_workers, progress, desc, out)."""
+    return embed(model, images, **{**options, "normalize": False, "desc": options.get("desc", "features")})
 
 
 # ------------------------------------------------------------------------------------------ command-line helpers

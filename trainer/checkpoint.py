@@ -40,7 +40,7 @@ from runtime.layout import (
     latest_tag,
 )
 from runtime.process import agree_any, barrier
-from trainer.config import dump_config
+from trainer.config import dump_config, read_json
 
 __all__ = ["CheckpointError", "head_file", "safe_load", "install_safe_loading", "save", "prune", "remove_stale_tmp",
            "resolve", "read_meta", "engine_files", "load", "reshard_head_state"]
@@ -223,12 +223,7 @@ def resolve(resume: str, output: Path) -> Path | None:
 
 def read_meta(folder: Path) -> dict:
     path = Path(folder) / META_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found (not a complete checkpoint)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    meta = read_json(path, CheckpointError, f"{path}: file not found (not a complete checkpoint)")
     for key in ("world_size", "num_classes", "epoch"):
         if key not in meta:
             raise CheckpointError(f"{path}: key {key!r} missing (have {sorted(meta)})")

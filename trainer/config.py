@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,17 @@ _FLEXIBLE = {
 
 class ConfigError(ValueError):
     """A configuration file or override is wrong; the message says which key and what was expected."""
+
+
+def read_json(path: Path, error: type[Exception], not_found: str) -> Any:
+    """The JSON document in ``path``; ``error(not_found)`` when there is no such file, ``error`` naming the file and
+    the parser's complaint when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(not_found) from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def _read_yaml(path: Path) -> dict:

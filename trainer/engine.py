@@ -12,15 +12,13 @@ loss-scaled gradients; both are refused here with a message saying so.
 """
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 
 import torch
 
 import backbones
 from runtime.process import rank_world
-from trainer.config import REPO_ROOT, ConfigError
+from trainer.config import REPO_ROOT, ConfigError, read_json
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -71,13 +69,7 @@ def load_ds_config(cfg: dict, world_size: int) -> dict:
     path = Path(cfg["deepspeed"]["config"])
     if not path.is_absolute():
         path = REPO_ROOT / path
-    try:
-        ds = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"deepspeed.config: file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    ds = copy.deepcopy(ds)
+    ds = read_json(path, ConfigError, f"deepspeed.config: file not found: {path}")
     for key in ("fp16", "bf16"):
         if ds.get(key, {}).get("enabled", False) not in (False, "false"):
             raise ConfigError(
