@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from bench.head_cases import fill_memory
-from bench.measure import PeakMemory, synchronize
+from bench.measure import PeakMemory, cpu_name, synchronize
 from bench.ranks import RankError, fix_malloc, run_ranks
 from heads import EmbeddedLoss, build_head, set_collect_stats
 from heads.optim import HeadOptimizer
@@ -209,14 +209,7 @@ def format_row(r: dict) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = f"{names[0]} x {len(names)} logical"
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     return f"{cpu}, {mem:.0f} GiB RAM, torch {torch.__version__}, {platform.system()} {platform.release()}"
 

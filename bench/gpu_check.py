@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from bench.head_cases import FAMILIES, fill_memory
-from bench.measure import PeakMemory, synchronize
+from bench.measure import PeakMemory, cpu_name, synchronize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -399,14 +399,7 @@ PARTS = {"exactness": part_exactness, "syncs": part_syncs, "r100": part_r100, "h
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = f"{names[0]} x {len(names)} logical"
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
     return f"{gpu}{cpu}, torch {torch.__version__}, CUDA {torch.version.cuda}, {platform.system()} {platform.release()}"
 

@@ -1,4 +1,5 @@
-"""How the benchmarks measure: a device sync, the process's memory, and the peak memory of a block of work.
+"""How the benchmarks measure: a device sync, the process's memory, the peak memory of a block of work, and the
+name of the CPU the result files name the machine by.
 
     with PeakMemory(device) as peak:
         step()
@@ -9,6 +10,8 @@ start of the block (/proc/self/clear_refs), so it reads the block's own peak. No
 device is a CUDA device (the parent of a GPU benchmark must not initialise CUDA, bench/ranks.py).
 """
 from __future__ import annotations
+
+import platform
 
 import torch
 
@@ -60,3 +63,16 @@ class PeakMemory:
             self.mb = (torch.cuda.max_memory_allocated(self.device) - self.before) / 2 ** 20
         else:
             self.mb = status_mb()["VmHWM"] - self.before
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its logical processor count (Linux's /proc/cpuinfo), else what platform knows."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = f"{names[0]} x {len(names)} logical"
+    except OSError:
+        pass
+    return cpu
