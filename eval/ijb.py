@@ -42,8 +42,17 @@ import torch
 
 from eval.cli import EvalRun, eval_parser
 from eval.features import FaceImages
-from eval.roc import DEFAULT_FARS, RocCurve, far_label, plot_roc, roc_curve, tar_at_far
-from eval.tables import format_table, write_results
+from eval.roc import (
+    DEFAULT_FARS,
+    RocCurve,
+    allowed_false_accepts,
+    far_label,
+    per_far,
+    plot_roc,
+    roc_curve,
+    tar_at_far,
+)
+from eval.tables import format_table, percent, write_results
 
 __all__ = [
     "SUBSETS",
@@ -68,7 +77,6 @@ SUBSETS: dict[str, dict[str, Any]] = {
 DEFAULT_FPIRS = (0.01, 0.1)
 DEFAULT_RANKS = (1, 5, 10)
 _ROWS_PER_CHUNK = 1 << 20  # rows parsed per round: bounds the memory of the csv module's lists of strings
-_FPIR_SLACK = 1e-9
 _PROBES_PER_CHUNK = 2048
 
 
@@ -162,25 +170,25 @@ def _to_numbers(path: Path, rows: list[list[str]], first_column: int, dtype: typ
         raise
 
 
-def _read_face_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    names, ids = [], []
-    for rows in _read_columns(path, 3):
+def _read_named_rows(path: Path, num_fields: int, dtype: type) -> tuple[list[str], np.ndarray]:
+    """Image names (column 0) and the numbers after them [N, num_fields - 1] of a meta file; IJBError when empty."""
+    names, values = [], []
+    for rows in _read_columns(path, num_fields):
         names.extend(r[0] for r in rows)
-        ids.append(_to_numbers(path, rows, 1, int))
+        values.append(_to_numbers(path, rows, 1, dtype))
     if not names:
         raise IJBError(f"{path}: empty")
-    ids = np.concatenate(ids).astype(np.int64)
+    return names, np.concatenate(values)
+
+
+def _read_face_tid_mid(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    names, ids = _read_named_rows(path, 3, int)
+    ids = ids.astype(np.int64)
     return names, ids[:, 0], ids[:, 1]
 
 
 def _read_5pts_score(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    names, values = [], []
-    for rows in _read_columns(path, 12):
-        names.extend(r[0] for r in rows)
-        values.append(_to_numbers(path, rows, 1, float))
-    if not names:
-        raise IJBError(f"{path}: empty")
-    values = np.concatenate(values)
+    names, values = _read_named_rows(path, 12, float)
     if not np.isfinite(values).all():
         raise IJBError(f"{path}: landmarks and scores must be finite numbers")
     return names, values[:, :10].reshape(-1, 5, 2).astype(np.float32), values[:, 10].astype(np.float32)
@@ -233,20 +241,17 @@ def read_ijb_meta(root: str | Path, subset: str, with_pairs: bool = True) -> IJB
         where = {n: i for i, n in enumerate(pts_names)}
         order = np.array([where[n] for n in names])
         landmarks, faceness = landmarks[order], faceness[order]
-    if not with_pairs:
-        empty = np.zeros(0, dtype=np.int64)
-        return IJBMeta(subset, subset_dir, names, templates, medias, landmarks, faceness, empty, empty,
-                       empty.astype(bool))
-    pair_t1, pair_t2, pair_label = _read_pairs(meta / f"{prefix}_template_pair_label.txt")
-    known = np.unique(templates)
-    for side, t in (("first", pair_t1), ("second", pair_t2)):
-        unknown = ~np.isin(t, known)
-        if unknown.any():
-            i = int(np.flatnonzero(unknown)[0])
-            raise IJBError(
-                f"{meta / f'{prefix}_template_pair_label.txt'}: pair {i + 1}: {side} template {t[i]} has no image in "
-                f"{tid_path}"
-            )
+    pair_t1 = pair_t2 = np.zeros(0, dtype=np.int64)
+    pair_label = np.zeros(0, dtype=bool)
+    if with_pairs:
+        pairs_path = meta / f"{prefix}_template_pair_label.txt"
+        pair_t1, pair_t2, pair_label = _read_pairs(pairs_path)
+        known = np.unique(templates)
+        for side, t in (("first", pair_t1), ("second", pair_t2)):
+            unknown = ~np.isin(t, known)
+            if unknown.any():
+                i = int(np.flatnonzero(unknown)[0])
+                raise IJBError(f"{pairs_path}: pair {i + 1}: {side} template {t[i]} has no image in {tid_path}")
     return IJBMeta(subset, subset_dir, names, templates, medias, landmarks, faceness, pair_t1, pair_t2, pair_label)
 
 
@@ -418,8 +423,8 @@ def verification_1to1(
         "pairs": int(len(scores)),
         "positive_pairs": curve.num_pos,
         "negative_pairs": curve.num_neg,
-        "tar_at_far": dict(zip(map(far_label, fars), tar_at_far(curve, fars, "le").tolist())),
-        "tar_at_far_insightface": dict(zip(map(far_label, fars), tar_at_far(curve, fars, "insightface").tolist())),
+        "tar_at_far": per_far(fars, tar_at_far(curve, fars, "le")),
+        "tar_at_far_insightface": per_far(fars, tar_at_far(curve, fars, "insightface")),
     }
     return scores, curve, result
 
@@ -469,7 +474,7 @@ def identification_1n(
         if best_nonmated.size == 0 or rank.size == 0:
             tpir[label], thresholds[label] = None, None
             continue
-        k = int(math.floor(f * best_nonmated.size + _FPIR_SLACK))
+        k = allowed_false_accepts(f, best_nonmated.size)
         t = best_nonmated[k] if k < best_nonmated.size else -np.inf
         tpir[label] = float(((rank == 1) & (mate_score[mated] > t)).mean())
         thresholds[label] = float(t)
@@ -499,9 +504,9 @@ def _identification(
             for k in DEFAULT_RANKS
         },
         "tpir_at_fpir": {
-            far_label(f): (float(np.mean([p["tpir_at_fpir"][far_label(f)] for p in per]))
-                           if all(p["tpir_at_fpir"][far_label(f)] is not None for p in per) else None)
-            for f in fpirs
+            label: (float(np.mean([p["tpir_at_fpir"][label] for p in per]))
+                    if all(p["tpir_at_fpir"][label] is not None for p in per) else None)
+            for label in map(far_label, fpirs)
         },
     }
     return out
@@ -530,17 +535,19 @@ def evaluate_ijb(
         image_feats, meta.templates, meta.medias, meta.faceness if faceness else None, normalize_images
     )
     t1 = time.perf_counter()
+
+    def score(feats: torch.Tensor) -> tuple[np.ndarray, RocCurve, dict[str, Any]]:
+        return verification_1to1(template_ids, feats, meta.pair_t1, meta.pair_t2, meta.pair_label, fars)
+
+    scored = tfeats.to(device)  # tfeats itself stays where it was pooled (the CPU, for numpy features)
     try:
-        tfeats = tfeats.to(device)
-        _, curve, verification = verification_1to1(template_ids, tfeats, meta.pair_t1, meta.pair_t2,
-                                                   meta.pair_label, fars)
+        _, curve, verification = score(scored)
     except RuntimeError as e:
-        if tfeats.device.type == "cpu":
+        if scored.device.type == "cpu":
             raise
-        warnings.warn(f"scoring on {tfeats.device} failed ({e}); scoring on the CPU instead")
-        tfeats = tfeats.cpu()
-        _, curve, verification = verification_1to1(template_ids, tfeats, meta.pair_t1, meta.pair_t2,
-                                                   meta.pair_label, fars)
+        warnings.warn(f"scoring on {scored.device} failed ({e}); scoring on the CPU instead")
+        scored = tfeats.cpu()  # pooled on the CPU: no copy back from the device that just failed
+        _, curve, verification = score(scored)
     t2 = time.perf_counter()
     result: dict[str, Any] = {
         "subset": meta.subset,
@@ -553,7 +560,7 @@ def evaluate_ijb(
     }
     protocol = read_1n_protocol(meta.subset_dir, meta.subset) if one_to_n else None
     if protocol is not None:
-        result["identification"] = _identification(meta, template_ids, tfeats, protocol, fpirs)
+        result["identification"] = _identification(meta, template_ids, scored, protocol, fpirs)
     return result, curve
 
 
@@ -564,7 +571,7 @@ def _verification_rows(label: str, result: dict[str, Any], rule: str) -> tuple[l
     key = "tar_at_far" if rule == "le" else "tar_at_far_insightface"
     tars = result["verification"][key]
     header = ["method"] + [f"TAR@FAR={k}" for k in tars]
-    return header, [[label] + [f"{100 * v:.2f}" for v in tars.values()]]
+    return header, [[label] + [percent(v) for v in tars.values()]]
 
 
 def _identification_rows(result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -573,15 +580,12 @@ def _identification_rows(result: dict[str, Any]) -> tuple[list[str], list[list[A
     fp_labels = list(ident["all"]["tpir_at_fpir"])
     header = ["gallery", "mated probes"] + [f"rank-{k}" for k in DEFAULT_RANKS] + [f"TPIR@FPIR={f}" for f in fp_labels]
 
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}"
-
     rows = []
     for g in galleries:
         r = ident[g]
         rows.append([g if g != "all" else "all (pooled / mean)", r["mated_probes"]]
-                    + [pct(r["rank"][str(k)]) for k in DEFAULT_RANKS]
-                    + [pct(r["tpir_at_fpir"][f]) for f in fp_labels])
+                    + [percent(r["rank"][str(k)]) for k in DEFAULT_RANKS]
+                    + [percent(r["tpir_at_fpir"][f]) for f in fp_labels])
     return header, rows
 
 

@@ -56,8 +56,8 @@ from tqdm import tqdm
 
 from eval.cli import EvalRun, eval_parser
 from eval.features import FaceImages
-from eval.roc import far_label, tar_from_top_negatives
-from eval.tables import format_table, write_results
+from eval.roc import allowed_false_accepts, per_far, tar_from_top_negatives
+from eval.tables import format_table, percent, write_results
 
 __all__ = [
     "MegaFaceError",
@@ -73,7 +73,6 @@ __all__ = [
 
 DEFAULT_FARS = (1e-6,)
 DEFAULT_RANKS = (1, 5, 10)
-_FAR_SLACK = 1e-9
 
 
 class MegaFaceError(ValueError):
@@ -179,19 +178,20 @@ def clean_probe_features(
     remove_noises; an identity with no clean image keeps its features). "drop": noisy probes are removed.
     """
     noisy = np.asarray(noisy, dtype=bool)
+    identities = np.asarray(identities)
     if policy == "drop":
         keep = torch.from_numpy(~noisy)
-        return feats[keep.to(feats.device)], np.asarray(identities)[~noisy]
+        return feats[keep.to(feats.device)], identities[~noisy]
     if policy != "centre":
         raise MegaFaceError(f"unknown FaceScrub noise policy {policy!r}; expected 'centre' or 'drop'")
     feats = feats.clone()
-    for ident in np.unique(np.asarray(identities)[noisy]):
-        members = np.asarray(identities) == ident
+    for ident in np.unique(identities[noisy]):
+        members = identities == ident
         clean = members & ~noisy
         if clean.any():
             centre = _normalise(feats[torch.from_numpy(clean)].mean(0, keepdim=True))
             feats[torch.from_numpy(members & noisy)] = centre
-    return feats, np.asarray(identities)
+    return feats, identities
 
 
 @torch.no_grad()
@@ -222,7 +222,7 @@ def megaface_metrics(
         raise MegaFaceError(f"out_of_reach has shape {keep.shape}, expected ({m_total},) for the distractors")
     num_neg = p * m_total
     k_rank = max(ranks)
-    k_neg = min(num_neg, int(math.floor(max(fars) * num_neg + _FAR_SLACK)) + 1)
+    k_neg = min(num_neg, allowed_false_accepts(max(fars), num_neg) + 1)
     top_d = torch.full((p, k_rank), -math.inf, device=device)
     top_neg = torch.full((k_neg,), -math.inf, device=device)
     starts = range(0, m_total, chunk_rows)
@@ -255,8 +255,8 @@ def megaface_metrics(
         "verification": {
             "positive_pairs": int(pos.size),
             "negative_pairs": num_neg,
-            "tar_at_far": dict(zip(map(far_label, fars), tars.tolist())),
-            "thresholds": dict(zip(map(far_label, fars), thresholds.tolist())),
+            "tar_at_far": per_far(fars, tars),
+            "thresholds": per_far(fars, thresholds),
         },
     }
 
@@ -323,8 +323,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     header = ["method", "distractors"] + [f"rank-{k}" for k in DEFAULT_RANKS] + \
              [f"TAR@FAR={f}" for f in result["verification"]["tar_at_far"]]
     rows = [[run.label, result["distractors"]]
-            + [f"{100 * result['identification']['rank'][str(k)]:.2f}" for k in DEFAULT_RANKS]
-            + [f"{100 * v:.2f}" for v in result["verification"]["tar_at_far"].values()]]
+            + [percent(result["identification"]["rank"][str(k)]) for k in DEFAULT_RANKS]
+            + [percent(v) for v in result["verification"]["tar_at_far"].values()]]
     refined = " (refined lists)" if args.facescrub_noises or args.megaface_noises else ""
     print(format_table(header, rows, f"MegaFace challenge 1{refined} (%)"))
     json_path, csv_path = write_results(out_dir, "eval_megaface", result, header, rows)

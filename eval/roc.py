@@ -34,7 +34,9 @@ __all__ = [
     "roc_curve",
     "tar_at_far",
     "tar_from_top_negatives",
+    "allowed_false_accepts",
     "far_label",
+    "per_far",
     "plot_roc",
 ]
 
@@ -93,7 +95,8 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
     return RocCurve(thresholds, tps, fps, int(tps[-1]), int(fps[-1]))
 
 
-def _allowed_false_accepts(far: float, num_neg: int) -> int:
+def allowed_false_accepts(far: float, num_neg: int) -> int:
+    """⌊FAR·N⌋: how many of N negatives (or non-mated probes, for FPIR) a threshold may accept at rate ``far``."""
     if not 0.0 <= far <= 1.0:
         raise ValueError(f"FAR must be in [0, 1], got {far}")
     return int(math.floor(far * num_neg + _FAR_SLACK))
@@ -120,7 +123,7 @@ def tar_at_far(curve: RocCurve, fars: Sequence[float] = DEFAULT_FARS, rule: str 
     out = np.empty(len(fars))
     if rule == "le":
         for i, far in enumerate(fars):
-            last_ok = np.searchsorted(curve.fps, _allowed_false_accepts(far, curve.num_neg), side="right") - 1
+            last_ok = np.searchsorted(curve.fps, allowed_false_accepts(far, curve.num_neg), side="right") - 1
             out[i] = curve.tps[last_ok] / curve.num_pos
     elif rule == "insightface":
         kept = _sklearn_kept_points(curve)
@@ -148,7 +151,7 @@ def tar_from_top_negatives(
     pos_sorted = np.sort(pos)
     tars, thresholds = np.empty(len(fars)), np.empty(len(fars))
     for i, far in enumerate(fars):
-        k = _allowed_false_accepts(far, num_neg)
+        k = allowed_false_accepts(far, num_neg)
         if k >= num_neg:
             tars[i], thresholds[i] = 1.0, -np.inf
             continue
@@ -164,6 +167,11 @@ def far_label(far: float) -> str:
     """'1e-04' style label of a FAR (JSON keys and table headers); '0.25' when one digit would round it."""
     label = f"{far:.0e}"
     return label if float(label) == far else f"{far:g}"
+
+
+def per_far(fars: Sequence[float], values: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """``{far_label(far): value}``, one entry per FAR, values as plain floats (the eval results' JSON)."""
+    return dict(zip(map(far_label, fars), np.asarray(values).tolist()))
 
 
 def plot_roc(

@@ -25,6 +25,7 @@ from prettytable import PrettyTable
 
 __all__ = [
     "format_table",
+    "percent",
     "output_dir_for",
     "write_results",
     "Layout",
@@ -51,6 +52,11 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: st
     for row in rows:
         table.add_row(list(row))
     return table.get_string()
+
+
+def percent(value: float | None) -> str:
+    """A fraction as a table cell in percent, two decimals; "-" when there is no value."""
+    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def output_dir_for(weights: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

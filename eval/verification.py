@@ -26,7 +26,10 @@ import numpy as np
 import torch
 
 from data.verification_bin import VerificationBinError, load_bin_images
+from eval.cli import EvalRun, eval_parser
 from eval.features import embed
+from eval.tables import format_table as format_rows
+from eval.tables import percent, write_results
 
 __all__ = [
     "THRESHOLDS",
@@ -201,17 +204,15 @@ def verify_bins(
 
 def _table_rows(results: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     header = ["target", "pairs", "accuracy % (mean ± std)", "best threshold", "uniform-threshold acc %"]
-    rows = [[r["target"], r["pairs"], f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}",
+    rows = [[r["target"], r["pairs"], f"{percent(r['accuracy_mean'])} ± {percent(r['accuracy_std'])}",
              f"{r['best_threshold']:.3f}",
-             f"{100 * r['uniform_accuracy']:.2f} (cos > {r['uniform_cosine_threshold']:.3f})"] for r in results]
+             f"{percent(r['uniform_accuracy'])} (cos > {r['uniform_cosine_threshold']:.3f})"] for r in results]
     return header, rows
 
 
 def format_table(results: Sequence[dict[str, Any]], title: str = "verification") -> str:
     """A prettytable of verification results (accuracies in %), through eval.tables.format_table."""
-    from eval.tables import format_table as table
-
-    return table(*_table_rows(results), title)
+    return format_rows(*_table_rows(results), title)
 
 
 def select_bins(items: Sequence[str], targets: Sequence[str] | None = None) -> tuple[list[Path], list[dict[str, str]]]:
@@ -246,9 +247,6 @@ def select_bins(items: Sequence[str], targets: Sequence[str] | None = None) -> t
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    from eval.cli import EvalRun, eval_parser
-    from eval.tables import write_results
-
     parser = eval_parser(
         "python -m eval.verification",
         "Verification accuracy (10-fold, flip-summed embeddings) of a backbone on InsightFace .bin sets.",

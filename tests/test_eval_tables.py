@@ -133,3 +133,7 @@ def test_compare_errors_name_the_rows(tmp_path):
         tables.paper_table(layout, [tables.load_run(str(run))], compare={"b": "1"})
     with pytest.raises(SystemExit, match=r"expected RUN=ROW"):
         tables.main([str(run), "--compare", "a", "--out", str(tmp_path)])
+
+
+def test_percent_cells():
+    assert [tables.percent(v) for v in (0.0, 0.12345, 1.0, None)] == ["0.00", "12.35", "100.00", "-"]
