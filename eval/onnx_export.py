@@ -247,7 +247,8 @@ def mfr_self_check(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from eval.features import add_model_arguments, checkpoint_label, model_from_arguments
+    from eval.cli import run_label
+    from eval.features import add_model_arguments, model_from_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m eval.onnx_export",
@@ -272,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model, model_cfg = model_from_arguments(args, torch.device("cpu"))
     out_dir = output_dir_for(args.weights, args.out)
-    label = args.label or checkpoint_label(args.weights)
+    label = run_label(args)
     onnx_path = Path(args.onnx) if args.onnx else out_dir / f"{Path(label).name}.onnx"
     export_onnx(model, onnx_path, opset=args.opset)
     diff = compare_with_torch(model, onnx_path)
