@@ -75,20 +75,17 @@ def test_train_resume_reshard_eval(data_dir, tmp_path):
     # scalars and each evaluation (read back with TensorBoard's reader), metrics.csv, and curves.png at the end.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from tests.monitor_tags import TARGETS, assert_scalar_tags
     from trainer.config import load_config
     assert load_config(straight / "config.yaml")["train"]["checkpoint_every_steps"] == 3
     events = EventAccumulator(str(straight / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for name in ("loss", "lr", "samples_per_s", "skipped_steps", "loss_s2c", "loss_s2s", "t_uss", "b_uss",
-                 "memory_filled"):
-        assert f"train/{name}" in tags, name
+    assert_scalar_tags(tags, ("accuracy", "fold_0", "best_single_accuracy", "best_single_threshold",
+                              "accuracy_at_t_uss", "t_uss_minus_t*"))
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
     assert [e.step for e in events.Scalars("train/t_uss")] == [6, 8]  # USS from epoch 1
-    for target in ("synth_lfw", "synth_cfp"):
-        for name in ("accuracy", "fold_0", "best_single_accuracy", "best_single_threshold", "accuracy_at_t_uss",
-                     "t_uss_minus_t*"):
-            assert f"eval/{target}/{name}" in tags, (target, name)
+    for target in TARGETS:
         assert [e.step for e in events.Scalars(f"eval/{target}/best_single_threshold")] == [0, 8]
         # The learned threshold is reported once the loss has logged it (USS from epoch 1), not its unset b = 0.
         assert [e.step for e in events.Scalars(f"eval/{target}/accuracy_at_t_uss")] == [8]
