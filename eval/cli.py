@@ -26,10 +26,10 @@ from eval.features import (
     add_model_arguments,
     checkpoint_label,
     embed,
-    init_distributed_from_env,
     model_from_arguments,
 )
 from eval.tables import output_dir_for
+from runtime.process import start as runtime_start
 
 __all__ = ["eval_parser", "run_label", "EvalRun"]
 
@@ -65,8 +65,8 @@ class EvalRun:
 
     @classmethod
     def start(cls, args: argparse.Namespace) -> EvalRun:
-        """Join the launcher's process group, if any (eval.features.init_distributed_from_env), on ``--device``."""
-        rank, world, device = init_distributed_from_env(args.device)
+        """Join the launcher's process group, if any (runtime.process.start), on ``--device``."""
+        rank, world, device = runtime_start(args.device)
         return cls(args, rank, world, device, run_label(args))
 
     def out_dir(self) -> Path:

@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 from eval.align import AlignmentError, align_face
 from runtime.process import agree_max, collective_device, rank_world
-from runtime.process import start as start_rank
 
 __all__ = [
     "FeatureError",
@@ -43,7 +42,7 @@ __all__ = [
     "rank_slice",
     "embed",
     "extract_features",
-    "init_distributed_from_env",
+    "l2_normalize",
     "add_model_arguments",
     "model_from_arguments",
     "checkpoint_label",
@@ -109,6 +108,11 @@ class FaceImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.load(index).transpose(2, 0, 1)))
 
 
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` divided by their L2 norm (a zero row stays zero: the norm is clamped at 1e-12)."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def rank_slice(n: int, rank: int, world_size: int) -> slice:
     """Rank r's contiguous share of n items: n//W + (r < n%W) items from n//W·r + min(r, n%W)."""
     base, extra = divmod(n, world_size)
@@ -148,8 +152,7 @@ def _embed_local(model, images, n: int, batch_size: int, device: torch.device, f
         if flip:
             emb = emb + model(torch.flip(x, dims=[3])).float()
         if normalize:
-            emb = emb.double()
-            emb = (emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
+            emb = l2_normalize(emb.double()).float()
         if dest is None:
             dest = np.empty((n, emb.shape[1]), dtype=np.float32)
         elif tuple(dest.shape) != (n, emb.shape[1]):
@@ -287,12 +290,6 @@ def model_from_arguments(args: argparse.Namespace, device: torch.device) -> tupl
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     return model.to(device), model_cfg
-
-
-def init_distributed_from_env(device: str | None = None) -> tuple[int, int, torch.device]:
-    """Join the process group the launcher describes (runtime.process.start) and pick this rank's device: (rank,
-    world size, device). ``device``: --device (``cpu``, ``cuda:1``; a bare ``cuda`` or None: this rank's GPU)."""
-    return start_rank(device)
 
 
 def checkpoint_label(weights: str | os.PathLike) -> str:

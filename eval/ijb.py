@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from eval.cli import EvalRun, eval_parser
-from eval.features import FaceImages
+from eval.features import FaceImages, l2_normalize
 from eval.roc import (
     DEFAULT_FARS,
     RocCurve,
@@ -317,7 +317,7 @@ def template_features(
     if x.dim() != 2 or x.shape[0] != len(templates) or len(medias) != len(templates):
         raise ValueError(f"features {tuple(x.shape)} must be [N, D] for N={len(templates)} template/media ids")
     if normalize_images:
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        x = l2_normalize(x)
     if faceness is not None:
         x = x * torch.as_tensor(faceness, dtype=torch.float32, device=x.device)[:, None]
     keys = np.stack([np.asarray(templates, dtype=np.int64), np.asarray(medias, dtype=np.int64)], axis=1)
@@ -329,7 +329,7 @@ def template_features(
     template_ids, template_of_media = np.unique(media_keys[:, 0], return_inverse=True)
     template_of_media = torch.as_tensor(template_of_media.reshape(-1), device=x.device)
     t = x.new_zeros(len(template_ids), x.shape[1]).index_add_(0, template_of_media, media_mean)
-    return template_ids, t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return template_ids, l2_normalize(t)
 
 
 def _rows_of(template_ids: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray:

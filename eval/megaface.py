@@ -55,7 +55,7 @@ import torch
 from tqdm import tqdm
 
 from eval.cli import EvalRun, eval_parser
-from eval.features import FaceImages
+from eval.features import FaceImages, l2_normalize
 from eval.roc import allowed_false_accepts, per_far, tar_from_top_negatives
 from eval.tables import format_table, percent, write_results
 
@@ -165,10 +165,6 @@ def megaface_noise_mask(distractor_names: Sequence[str], noises: set[str]) -> np
     return np.array(["/".join(Path(n).parts[-3:]) in noises for n in distractor_names], dtype=bool)
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def clean_probe_features(
     feats: torch.Tensor, identities: np.ndarray, noisy: np.ndarray, policy: str = "centre"
 ) -> tuple[torch.Tensor, np.ndarray]:
@@ -189,7 +185,7 @@ def clean_probe_features(
         members = identities == ident
         clean = members & ~noisy
         if clean.any():
-            centre = _normalise(feats[torch.from_numpy(clean)].mean(0, keepdim=True))
+            centre = l2_normalize(feats[torch.from_numpy(clean)].mean(0, keepdim=True))
             feats[torch.from_numpy(members & noisy)] = centre
     return feats, identities
 
@@ -231,7 +227,7 @@ def megaface_metrics(
         if not rows.any():
             continue
         d = torch.from_numpy(np.asarray(distractor_feats[start : start + chunk_rows])[rows]).to(device).float()
-        s = x @ _normalise(d).T  # [P, c]
+        s = x @ l2_normalize(d).T  # [P, c]
         top_d = torch.topk(torch.cat([top_d, s], 1), k_rank, dim=1).values
         top_neg = torch.topk(torch.cat([top_neg, s.flatten()]), k_neg).values
 
@@ -303,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         return None
     t1 = time.perf_counter()
 
-    probe_feats = _normalise(torch.from_numpy(np.array(probes, dtype=np.float32)).to(run.device))
+    probe_feats = l2_normalize(torch.from_numpy(np.array(probes, dtype=np.float32)).to(run.device))
     identities = data.probe_identities
     noise: dict[str, Any] = {"policy": args.noise_policy}
     if args.facescrub_noises:

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from eval.features import FaceImages, FeatureError, embed, extract_features, init_distributed_from_env, rank_slice
+from eval.features import FaceImages, FeatureError, embed, extract_features, rank_slice
 from runtime.process import LaunchError, choose_device, first_host
 from runtime.process import detect as detect_launch
 from runtime.process import device_index as cuda_device_index
+from runtime.process import start as start_rank
 from tests.distributed import free_port, run_ranks
 from tests.fixtures_eval import identity_field, save_image, small_model
 
@@ -84,7 +85,7 @@ def test_init_exports_nothing(monkeypatch):
     for key, value in {**SRUN_TASK_3, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "3"}.items():
         monkeypatch.setenv(key, value)
     before = dict(os.environ)
-    rank, world, device = init_distributed_from_env("cpu")
+    rank, world, device = start_rank("cpu")
     assert (rank, world, device) == (0, 1, torch.device("cpu"))
     assert dict(os.environ) == before  # no LOCAL_RANK (or anything) that could disagree with the device in use
 
