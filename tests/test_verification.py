@@ -321,6 +321,24 @@ def test_load_model_for_eval_both_layouts(tiny_setup):
             assert torch.equal(v, ref), k
 
 
+def test_load_model_for_eval_takes_a_run_folder_s_newest_checkpoint(tiny_setup, tmp_path):
+    """A run folder (what the trainer's `output` names) loads through runtime/layout.py's checkpoints/latest."""
+    import shutil
+
+    from runtime.layout import CONFIG_FILE, LATEST, checkpoints_dir, step_tag
+    _, ckpt, _, model = tiny_setup
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, checkpoints_dir(run) / step_tag(12))
+    (run / CONFIG_FILE).write_text((ckpt / CONFIG_FILE).read_text())  # the run's resolved config sits there too
+    with pytest.raises(CheckpointError, match="checkpoint directory has no backbone.pth"):
+        load_model_for_eval(run)  # no checkpoints/latest yet: not a checkpoint
+    (checkpoints_dir(run) / LATEST).write_text(step_tag(12) + "\n")
+    loaded, cfg = load_model_for_eval(run)
+    assert cfg == TINY
+    for (k, v), ref in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(v, ref), k
+
+
 def test_load_model_for_eval_errors(tiny_setup, tmp_path):
     root, ckpt, _, _ = tiny_setup
     with pytest.raises(CheckpointError, match="needs the network name"):
