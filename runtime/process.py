@@ -60,6 +60,13 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def environ(self) -> dict[str, str]:
+        """The variables that describe this rank to a process (what ./run.sh's launcher and the deepspeed launcher
+        export; :func:`detect` reads them back)."""
+        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
+                "LOCAL_SIZE": str(self.local_world_size), "MASTER_ADDR": self.master_addr,
+                "MASTER_PORT": str(self.master_port)}
+
 
 # ------------------------------------------------------------------------------------------------ launchers
 def _int(env: Mapping[str, str], name: str, default: str | None = None) -> int:

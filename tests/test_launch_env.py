@@ -123,3 +123,26 @@ def test_init_exports_the_device_it_uses_as_local_rank(monkeypatch, device, expo
     assert seen["LOCAL_RANK"] == exported and seen["FACETRAIN_LOCAL_RANK"] == "3"
     assert (seen["RANK"], seen["WORLD_SIZE"]) == ("3", "4")
     assert kwargs["dist_backend"] == ("nccl" if device.startswith("cuda") else "gloo")
+
+
+def test_the_variables_a_launcher_exports_read_back_as_the_same_rank():
+    """runtime.process writes (DistEnv.environ: ./run.sh's launcher, DeepSpeed's start) and reads (detect) one set
+    of variables."""
+    from trainer.launch import rank_env
+    d = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "MASTER_ADDR": "10.0.0.1",
+                "MASTER_PORT": "29600"})
+    assert detect(d.environ()) == d
+    env = rank_env({"SLURM_PROCID": "7", "SLURM_STEP_NUM_TASKS": "8", "PATH": "/bin"}, rank=1, nproc=2, port=29700)
+    mine = detect(env)
+    assert (mine.rank, mine.world_size, mine.local_rank, mine.local_world_size, mine.master_port, mine.launcher) == \
+        (1, 2, 1, 2, 29700, "facetrain")
+    assert "SLURM_PROCID" not in env and env["PATH"] == "/bin"
+
+
+def test_a_broken_launcher_environment_is_one_line_naming_the_variable(monkeypatch, capsys):
+    from trainer.main import main
+    monkeypatch.setenv("RANK", "zero")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["output=unused", "data.synthetic=null"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["rank ?: error: environment variable RANK='zero': expected an integer"], err

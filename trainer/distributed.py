@@ -43,10 +43,7 @@ def init(d: DistEnv, device: torch.device, timeout_s: int = 1800) -> None:
     FACETRAIN_LOCAL_RANK (and in ``d.local_rank``).
     """
     local_rank = device.index if device.type == "cuda" and device.index is not None else d.local_rank
-    for k, v in (("RANK", d.rank), ("WORLD_SIZE", d.world_size), ("LOCAL_RANK", local_rank),
-                 ("FACETRAIN_LOCAL_RANK", d.local_rank), ("MASTER_ADDR", d.master_addr),
-                 ("MASTER_PORT", d.master_port)):
-        os.environ[k] = str(v)
+    os.environ.update({**d.environ(), "LOCAL_RANK": str(local_rank), "FACETRAIN_LOCAL_RANK": str(d.local_rank)})
     backend = "nccl" if device.type == "cuda" else "gloo"
     prepare_deepspeed(device)
     import deepspeed

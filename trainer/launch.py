@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+from runtime.process import DistEnv
 from trainer.signals import STOP_SIGNALS, die_with_parent
 from trainer.watchdog import EXIT_HUNG
 
@@ -32,9 +33,8 @@ def rank_env(base: dict, rank: int, nproc: int, port: int) -> dict:
     env = dict(base)
     for k in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)  # this launcher decides the ranks, not an enclosing srun step or torchrun
-    env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_SIZE": str(nproc),
-                "CROSS_RANK": "0", "CROSS_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                "FACETRAIN_LAUNCHER": "facetrain"})
+    env.update(DistEnv(rank, nproc, rank, nproc, "127.0.0.1", port, "facetrain").environ())
+    env.update({"CROSS_RANK": "0", "CROSS_SIZE": "1", "FACETRAIN_LAUNCHER": "facetrain"})
     return env
 
 

@@ -4,7 +4,6 @@
 --help imports nothing heavy."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -80,14 +79,23 @@ def summary_table(history: list[tuple[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+def _rank_label() -> str:
+    from runtime.process import LaunchError, detect
+    try:
+        return str(detect().rank)
+    except LaunchError:
+        return "?"
+
+
 def clear_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what is wrong and where: printed as one line, without a traceback."""
     from data.recordio import RecordIOError
     from heads import HeadConfigError
     from runtime.layout import CheckpointError
+    from runtime.process import LaunchError
     from trainer.guard import NonFiniteError
     from trainer.runlock import RunLockError
-    return ConfigError, CheckpointError, RunLockError, NonFiniteError, RecordIOError, HeadConfigError
+    return ConfigError, CheckpointError, RunLockError, NonFiniteError, RecordIOError, HeadConfigError, LaunchError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except clear_errors() as e:
-        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+        rank = _rank_label()
         print(f"rank {rank}: error: {e}", file=sys.stderr, flush=True)
         return 1
     if result["rank"] == 0:
