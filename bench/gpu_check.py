@@ -16,7 +16,7 @@ Parts (rows of the table, in this order):
                <= 1e-9, fp32 <= 1e-3; tf32 and bf16 are reported (what chooses the GPU default,
                heads/precision.py).
 2. syncs       host syncs of one head training step (forward, backward, optimizer; statistics off, r = 0.1 and 1)
-               per loss family, counted by torch.cuda.set_sync_debug_mode("warn") (on the CPU by tests/sync_count.py);
+               per loss family, counted by torch.cuda.set_sync_debug_mode("warn") (on the CPU by bench/sync_count.py);
                checked: 0 (the log-step count, statistics on, is reported).
 3. r100        R100 training images/s (bf16 autocast trunk, fp32 tail, SGD; a synthetic batch resident on the
                device; batch 128): as shipped, + channels_last, + torch.compile (its compile time apart); peak
@@ -177,8 +177,7 @@ def count_device_syncs(device: torch.device):
                 torch.cuda.set_sync_debug_mode(0)
         seen += [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
     else:
-        sys.path.insert(0, str(REPO))
-        from tests.sync_count import count_syncs  # the CPU stand-in
+        from bench.sync_count import count_syncs  # the CPU stand-in
         with count_syncs() as counter:
             yield seen
         seen += [f"{op} at {site}" for op, site in counter.events]
@@ -191,7 +190,7 @@ def part_syncs(device: torch.device, z: Sizes) -> list[Row]:
 
     rows = []
     C, D, N = z.sync_classes, z.sync_dim, z.sync_batch
-    how = "torch.cuda.set_sync_debug_mode" if device.type == "cuda" else "tests/sync_count.py (CPU stand-in)"
+    how = "torch.cuda.set_sync_debug_mode" if device.type == "cuda" else "bench/sync_count.py (CPU stand-in)"
     for rate in (0.1, 1.0):
         for name, cfg in FAMILIES.items():
             head = build_head({**cfg, "sample_rate": rate}, C, D, ClassPartition(C, 1, 0), seed=0)

@@ -335,7 +335,11 @@ def test_workers_survive_sigterm_and_sigusr1_and_the_epoch_completes(clean, tmp_
         workers = [p.pid for p in psutil.Process().children() if p.pid not in before]
         assert len(workers) == 2
         for pid in workers:  # blocked in every thread but the one waiting for them in sigwaitinfo (the kernel
-            # unblocks the awaited signals while it waits), so torch's SIGTERM handler and SIGUSR1's default never run
+            # unblocks the awaited signals while it waits), so torch's SIGTERM handler and SIGUSR1's default never run.
+            # A worker that has not served a batch yet may still be starting that thread: wait for it (at most 20 s).
+            deadline = time.monotonic() + 20
+            while len(os.listdir(f"/proc/{pid}/task")) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert len(os.listdir(f"/proc/{pid}/task")) >= 2 and threads_taking(pid, JOB_SIGNALS) <= 1
         send(signal.SIGTERM, workers)
         send(signal.SIGUSR1, workers)

@@ -153,7 +153,7 @@ def test_k_non_finite_steps_in_a_row_end_the_run_naming_the_step_and_the_records
 
 def _count_step_syncs(rank, world, loss_name, clipping):
     import heads
-    from tests.sync_count import count_syncs
+    from bench.sync_count import count_syncs
     from trainer.guard import StepGuard
 
     engine, head, head_opt = _engine_and_head(rank, world, {"loss": loss_name, "scale": 16.0},

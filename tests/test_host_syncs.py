@@ -1,4 +1,4 @@
-"""A training step of every head makes no host sync on a non-log step (tests/sync_count.py counts them on the CPU).
+"""A training step of every head makes no host sync on a non-log step (bench/sync_count.py counts them on the CPU).
 
 One step = forward + backward + the head optimizer's step + zero_grad, with the statistics off
 (``heads.set_collect_stats(head, False)``: what the trainer does between log steps), after a first step (which checks
@@ -13,11 +13,11 @@ import torch
 
 import heads
 from bench.head_cases import FAMILIES, fill_memory
+from bench.sync_count import count_syncs
 from heads import build_head
 from heads.optim import HeadOptimizer
 from heads.partition import ClassPartition
 from tests.distributed import run_ranks
-from tests.sync_count import count_syncs
 
 C, D, B = 1000, 16, 12
 
