@@ -46,7 +46,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data.position import EpochPosition
+from data.position import EpochPosition, epoch_word
 from data.rec_index import PreparedRec, looks_grouped, same_label_neighbours
 from data.recordio import RecordIOError
 from data.train_data import TrainData, check_batch_args
@@ -132,7 +132,7 @@ def keys_of(where: torch.Tensor, prepared: PreparedRec) -> list[int] | None:
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The DALI seed of (run seed, epoch, rank): reader buffer order and flips, 31 bits."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0] & 0x7FFFFFFF)
+    return epoch_word(seed, epoch, rank) & 0x7FFFFFFF
 
 
 def sample_shard_bounds(num_images: int, shard: int, num_shards: int) -> tuple[int, int]:

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.position import EpochPosition
+from data.position import EpochPosition, epoch_word
 from data.recordio import InsightFaceRec, RecordIOError
 
 log = logging.getLogger("facetrain")
@@ -151,8 +151,7 @@ class RecordDataset(Dataset):
         """Whether sample ``index`` is flipped in the current epoch: one fair coin per (seed, epoch, index)."""
         if not self.flip:
             return False
-        state = np.random.SeedSequence([self.seed, self.epoch, int(index)]).generate_state(1)[0]
-        return bool(state & 1)
+        return bool(epoch_word(self.seed, self.epoch, int(index)) & 1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         label, rgb = self._load(index)

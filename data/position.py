@@ -1,6 +1,15 @@
-"""Where a training reader stands: the epoch and the step it starts at (a mid-epoch resume), shared by the torch
-sampler (data/dataset.py) and the DALI reader (data/dali_pipeline.py)."""
+"""Where a training reader stands: the epoch and the step it starts at (a mid-epoch resume), and the epoch's
+randomness; shared by the torch sampler (data/dataset.py) and the DALI reader (data/dali_pipeline.py)."""
 from __future__ import annotations
+
+import numpy as np
+
+
+def epoch_word(seed: int, epoch: int, key: int) -> int:
+    """32 random bits of (run seed, epoch, key): the data room's one seed mixer (numpy's SeedSequence). The DALI
+    reader's seed per rank (key = rank), the torch reader's flip coin per sample (key = index). The heads draw their
+    streams from heads/seeds.py's splitmix64 instead: centres in existing checkpoints depend on it."""
+    return int(np.random.SeedSequence([seed, epoch, key]).generate_state(1)[0])
 
 
 class EpochPosition:
