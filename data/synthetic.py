@@ -13,7 +13,9 @@ expression (blink, gaze, mouth opening, smile); occasional glasses; background c
 random shapes); directional lighting, gain, colour cast, gamma; sensor noise; occasional blur.
 
 Rendering is vectorised over the images of one identity (arrays [n, 3, H, W], each part drawn only inside its
-bounding window); each image is JPEG-encoded with PIL (quality 90).
+bounding window); each image is JPEG-encoded with PIL (quality 90). :func:`render_identity_images` is the list of its
+steps, in the order they draw from the image generator: pose / expression, background, the face parts back to front
+(hair and ears, face and fringe, moles, eyes and brows, nose, mouth, glasses: no draws), lighting, blur, noise.
 :func:`make_dataset` writes a training RecordIO set plus ``synth_lfw.bin`` (moderate nuisance) and ``synth_cfp.bin``
 (frontal vs strong-yaw pairs) on held-out identities. Same seed → identical bytes.
 
@@ -287,86 +289,151 @@ class _Canvas:
 def render_identity_images(
     params: dict[str, Any], n: int, rng: np.random.Generator, nuisance: Nuisance = TRAIN, size: int = IMAGE_SIZE
 ) -> np.ndarray:
-    """Render ``n`` images of one identity (``params`` from :func:`identity_params`) → uint8 [n, size, size, 3]."""
+    """Render ``n`` images of one identity (``params`` from :func:`identity_params`) → uint8 [n, size, size, 3].
+
+    The steps, in the order they draw from ``rng``: the per-image pose / expression, the background; then the face
+    parts, back to front (no draws); then the lighting, the blur and the sensor noise.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    p = params
     q = nuisance.sample(rng, n)
     x, y = _pixel_grid(size)
     cv = _Canvas(_background(rng, n, size, nuisance.clutter), x, y, q)
-    yaw, pitch = q["yaw"], _col(q["pitch"])
-    frx, fry, fcy = p["face_rx"], p["face_ry"], p["face_cy"]
+    face = _face_geometry(params, q)
+    _draw_hair_and_ears(cv, face)
+    _draw_face_and_fringe(cv, face)
+    _draw_moles(cv, face)
+    _draw_eyes_and_brows(cv, face)
+    _draw_nose(cv, face)
+    _draw_mouth(cv, face)
+    _draw_glasses(cv, face)
+    img = cv.img
+    _apply_lighting(img, rng, nuisance, x, y)
+    img *= 255.0  # the sensor works in 0..255 units
+    _blur_some(img, rng, nuisance)
+    _add_noise(img, rng, nuisance)
+    return np.ascontiguousarray(np.clip(img + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
 
-    def at(x0: float, depth: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+
+@dataclass(frozen=True, eq=False)
+class _Face:
+    """One identity's face under n poses: what every part's drawing needs (per-image values are [n, 1, 1])."""
+
+    p: dict[str, Any]  # the identity (identity_params)
+    q: dict[str, np.ndarray]  # the per-image pose / expression (Nuisance.sample), each [n]
+    frx: float  # face oval: radii and centre height
+    fry: float
+    fcy: float
+    pitch: np.ndarray  # vertical shift of the inner features
+    head_rx: np.ndarray  # silhouette half-width of the yawed head
+    head_cx: np.ndarray  # silhouette centre
+    eye_cy: np.ndarray  # height of the eyes (brows, nose and glasses hang off it)
+
+    def at(self, x0: float, depth: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """Projected centre and foreshortening of a face feature at canonical x0 (see _project)."""
-        return _project(x0, frx, depth, yaw)
+        return _project(x0, self.frx, depth, self.q["yaw"])
 
-    # head silhouette: a yawed ellipsoid keeps an elliptical outline, slightly narrower and shifted
-    head_rx = _col(np.sqrt((frx * np.cos(yaw)) ** 2 + (0.9 * frx * np.sin(yaw)) ** 2))
-    head_cx = _col(0.15 * frx * np.sin(yaw))
 
-    # hair behind the head, then ears (hidden on the far side as yaw grows)
-    cv.ellipse(head_cx - _col(0.25 * frx * np.sin(yaw)), fcy - 0.18 * fry, head_rx * p["hair_volume"] * 1.05,
-               fry * 0.85 * p["hair_volume"], p["hair"])
+def _face_geometry(p: dict[str, Any], q: dict[str, np.ndarray]) -> _Face:
+    """The pose-dependent geometry: a yawed ellipsoid keeps an elliptical outline, slightly narrower and shifted."""
+    yaw, frx, pitch = q["yaw"], p["face_rx"], _col(q["pitch"])
+    return _Face(p=p, q=q, frx=frx, fry=p["face_ry"], fcy=p["face_cy"], pitch=pitch,
+                 head_rx=_col(np.sqrt((frx * np.cos(yaw)) ** 2 + (0.9 * frx * np.sin(yaw)) ** 2)),
+                 head_cx=_col(0.15 * frx * np.sin(yaw)),
+                 eye_cy=p["face_cy"] + p["eye_y"] + pitch)
+
+
+def _draw_hair_and_ears(cv: _Canvas, f: _Face) -> None:
+    """Hair behind the head, then the ears (hidden on the far side as yaw grows)."""
+    p, yaw = f.p, f.q["yaw"]
+    cv.ellipse(f.head_cx - _col(0.25 * f.frx * np.sin(yaw)), f.fcy - 0.18 * f.fry,
+               f.head_rx * p["hair_volume"] * 1.05, f.fry * 0.85 * p["hair_volume"], p["hair"])
     for side in (-1.0, 1.0):
-        ex, _ = at(side * frx * 0.98, depth=0.9)
+        ex, _ = f.at(side * f.frx * 0.98, depth=0.9)
         visible = _col(np.clip(1.0 - 2.5 * np.maximum(side * yaw, 0.0), 0.0, 1.0))
-        cv.ellipse(ex + side * 0.02, fcy + p["ear_cy"] + pitch, p["ear_size"] * 0.6, p["ear_size"],
+        cv.ellipse(ex + side * 0.02, f.fcy + p["ear_cy"] + f.pitch, p["ear_size"] * 0.6, p["ear_size"],
                    p["skin"] * 0.85, opacity=visible)
 
-    # face oval (horizontal radius shrinks below the cheek line: the jaw) with the identity's skin pattern,
-    # then the fringe: hair over the top of the face with an identity-specific wavy edge
-    win = cv.window(head_cx, fcy, max(float(np.max(head_rx)), fry))
-    if win is not None:
-        u, v = cv.coords(win)
-        edge = cv.edge
-        below = np.clip((v - fcy) / fry, 0.0, 1.0)
-        face = _ellipse(u, v, head_cx, fcy, head_rx * (1.0 - (1.0 - p["jaw"]) * below ** 2), fry, edge=edge)
-        skin = np.empty((n, 3) + u.shape[1:], dtype=np.float32)
-        skin[:] = p["skin"].reshape(3, 1, 1)
-        for fu, fv, phase, amp in p["skin_pattern"]:
-            skin += np.sin(fu * (u - head_cx) + fv * v + phase)[:, None] * amp.reshape(3, 1, 1)
-        cv.paint(win, face, np.clip(skin, 0.0, 1.0))
-        wave = p["fringe_amp"] * np.sin(p["fringe_freq"] * u + p["fringe_phase"])
-        # (×2 on the face's coverage: the fringe must also hide the face's anti-aliased rim, not just half of it)
-        cover = np.minimum(2.0 * face, 1.0)
-        cv.paint(win, cover * np.clip((fcy + p["hairline"] * fry + wave - v) / edge * 0.5 + 0.5, 0.0, 1.0),
-                 p["hair"])
-    for mu, mv, mr in p["moles"]:
-        mx, msq = at(mu)
-        cv.ellipse(mx, fcy + mv + pitch, mr * msq, mr, p["skin"] * 0.35, sharp=0.5)
 
-    # eyes (sclera, iris, pupil) and brows
-    eye_cy = fcy + p["eye_y"] + pitch
+def _draw_face_and_fringe(cv: _Canvas, f: _Face) -> None:
+    """The face oval (horizontal radius shrinks below the cheek line: the jaw) with the identity's skin pattern,
+    then the fringe: hair over the top of the face with an identity-specific wavy edge."""
+    p, fcy, fry = f.p, f.fcy, f.fry
+    win = cv.window(f.head_cx, fcy, max(float(np.max(f.head_rx)), fry))
+    if win is None:
+        return
+    u, v = cv.coords(win)
+    edge = cv.edge
+    below = np.clip((v - fcy) / fry, 0.0, 1.0)
+    face = _ellipse(u, v, f.head_cx, fcy, f.head_rx * (1.0 - (1.0 - p["jaw"]) * below ** 2), fry, edge=edge)
+    cv.paint(win, face, _skin_colour(p, u, v, f.head_cx))
+    wave = p["fringe_amp"] * np.sin(p["fringe_freq"] * u + p["fringe_phase"])
+    # (×2 on the face's coverage: the fringe must also hide the face's anti-aliased rim, not just half of it)
+    cover = np.minimum(2.0 * face, 1.0)
+    cv.paint(win, cover * np.clip((fcy + p["hairline"] * fry + wave - v) / edge * 0.5 + 0.5, 0.0, 1.0), p["hair"])
+
+
+def _skin_colour(p: dict[str, Any], u: np.ndarray, v: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    """Skin [n, 3, h, w] at canonical (u, v): the identity's tone plus its smooth pattern (sines about centre cx)."""
+    skin = np.empty((len(u), 3) + u.shape[1:], dtype=np.float32)
+    skin[:] = p["skin"].reshape(3, 1, 1)
+    for fu, fv, phase, amp in p["skin_pattern"]:
+        skin += np.sin(fu * (u - cx) + fv * v + phase)[:, None] * amp.reshape(3, 1, 1)
+    return np.clip(skin, 0.0, 1.0)
+
+
+def _draw_moles(cv: _Canvas, f: _Face) -> None:
+    """The identity's moles, dark skin-coloured dots that follow the pose."""
+    for mu, mv, mr in f.p["moles"]:
+        mx, msq = f.at(mu)
+        cv.ellipse(mx, f.fcy + mv + f.pitch, mr * msq, mr, f.p["skin"] * 0.35, sharp=0.5)
+
+
+def _draw_eyes_and_brows(cv: _Canvas, f: _Face) -> None:
+    """Each side in turn: the eye, then its brow."""
+    p = f.p
     for side in (-1.0, 1.0):
-        cx, squash = at(side * p["eye_dx"])
-        rx, ry = p["eye_rx"] * squash, _col(p["eye_ry"] * q["blink"])
-        win = cv.window(cx, eye_cy, p["eye_rx"])
-        if win is not None:
-            u, v = cv.coords(win)
-            eye = _ellipse(u, v, cx, eye_cy, rx, ry, side * p["eye_tilt"], edge=cv.edge * 0.7)
-            cv.paint(win, eye, (0.95, 0.95, 0.92))
-            icx, icy = cx + _col(q["gaze_u"]) * rx * 0.5, eye_cy + _col(q["gaze_v"]) * ry * 0.3
-            ir = p["eye_ry"] * p["iris_r"] * 1.3
-            cv.paint(win, eye * _ellipse(u, v, icx, icy, ir * squash, ir, edge=cv.edge * 0.6), p["iris"])
-            cv.paint(win, eye * _ellipse(u, v, icx, icy, 0.45 * ir * squash, 0.45 * ir, edge=cv.edge * 0.6),
-                     (0.03, 0.03, 0.03))
-        bcx, bsq = at(side * (p["eye_dx"] + 0.01))
-        cv.ellipse(bcx, eye_cy - p["eye_ry"] - p["brow_gap"], p["brow_len"] * bsq, p["brow_thick"],
+        _draw_eye(cv, f, side)
+        bcx, bsq = f.at(side * (p["eye_dx"] + 0.01))
+        cv.ellipse(bcx, f.eye_cy - p["eye_ry"] - p["brow_gap"], p["brow_len"] * bsq, p["brow_thick"],
                    p["hair"] * 0.7, angle=side * p["brow_tilt"], sharp=0.7)
 
-    # nose: a shaded ridge that sticks out (depth 1.35) and two nostrils
-    ncx, nsq = at(0.0, depth=1.35)
-    ncy = eye_cy + 0.05 + p["nose_len"] / 2
+
+def _draw_eye(cv: _Canvas, f: _Face, side: float) -> None:
+    """One eye (side −1 left, +1 right): sclera (closing as it blinks), then iris and pupil moved by the gaze."""
+    p, q, eye_cy = f.p, f.q, f.eye_cy
+    cx, squash = f.at(side * p["eye_dx"])
+    rx, ry = p["eye_rx"] * squash, _col(p["eye_ry"] * q["blink"])
+    win = cv.window(cx, eye_cy, p["eye_rx"])
+    if win is None:
+        return
+    u, v = cv.coords(win)
+    eye = _ellipse(u, v, cx, eye_cy, rx, ry, side * p["eye_tilt"], edge=cv.edge * 0.7)
+    cv.paint(win, eye, (0.95, 0.95, 0.92))
+    icx, icy = cx + _col(q["gaze_u"]) * rx * 0.5, eye_cy + _col(q["gaze_v"]) * ry * 0.3
+    ir = p["eye_ry"] * p["iris_r"] * 1.3
+    cv.paint(win, eye * _ellipse(u, v, icx, icy, ir * squash, ir, edge=cv.edge * 0.6), p["iris"])
+    cv.paint(win, eye * _ellipse(u, v, icx, icy, 0.45 * ir * squash, 0.45 * ir, edge=cv.edge * 0.6),
+             (0.03, 0.03, 0.03))
+
+
+def _draw_nose(cv: _Canvas, f: _Face) -> None:
+    """A shaded ridge that sticks out (depth 1.35) and two nostrils."""
+    p = f.p
+    ncx, nsq = f.at(0.0, depth=1.35)
+    ncy = f.eye_cy + 0.05 + p["nose_len"] / 2
     cv.ellipse(ncx, ncy, p["nose_w"] * np.maximum(nsq, 0.5), p["nose_len"] / 2 + 0.02, p["skin"] * 0.55,
                opacity=p["nose_dark"])
     for side in (-1.0, 1.0):
-        nx, nsq2 = at(side * p["nostril_dx"], depth=1.25)
+        nx, nsq2 = f.at(side * p["nostril_dx"], depth=1.25)
         cv.ellipse(nx, ncy + p["nose_len"] / 2, 0.022 * nsq2, 0.014, p["skin"] * 0.3, sharp=0.6, opacity=0.8)
 
-    # mouth: lips bent into a smile (parabola in u), an optional opening, an optional moustache
-    mcx, msq = at(0.0, depth=1.05)
-    mcy = fcy + p["mouth_y"] + pitch
+
+def _draw_mouth(cv: _Canvas, f: _Face) -> None:
+    """Lips bent into a smile (parabola in u), an optional opening, an optional moustache."""
+    p, q = f.p, f.q
+    mcx, msq = f.at(0.0, depth=1.05)
+    mcy = f.fcy + p["mouth_y"] + f.pitch
     mrx = p["mouth_rx"] * msq
     smile = p["smile"] + _col(q["smile"]) * 10
 
@@ -381,23 +448,31 @@ def render_identity_images(
         cv.ellipse(mcx, mcy - p["mouth_ry"] - p["moustache_ry"] - 0.01, mrx * 1.05, p["moustache_ry"],
                    p["hair"] * 0.8, bend=bend)
 
-    # glasses (an occlusion, per image): dark rims around both eyes and a bridge
-    if q["glasses"].any():
-        on = _col(q["glasses"].astype(np.float32))
-        bx, _ = at(0.0)
-        win = cv.window(bx, eye_cy, p["eye_dx"] + 0.2)
-        if win is not None:
-            u, v = cv.coords(win)
-            rims = _ellipse(u, v, bx, eye_cy - 0.02, 0.12, 0.012, edge=cv.edge * 0.5)
-            for side in (-1.0, 1.0):
-                cx, squash = at(side * p["eye_dx"])
-                outer = _ellipse(u, v, cx, eye_cy, 0.15 * squash, 0.11, edge=cv.edge * 0.5)
-                inner = _ellipse(u, v, cx, eye_cy, 0.13 * squash, 0.09, edge=cv.edge * 0.5)
-                rims = np.maximum(rims, outer - inner)
-            cv.paint(win, rims * on, (0.05, 0.05, 0.06))
 
-    img = cv.img
-    # photometric nuisance: directional light, gain, colour cast, gamma
+def _draw_glasses(cv: _Canvas, f: _Face) -> None:
+    """Glasses (an occlusion, on the images whose draw says so): dark rims around both eyes and a bridge."""
+    p, q, eye_cy = f.p, f.q, f.eye_cy
+    if not q["glasses"].any():
+        return
+    on = _col(q["glasses"].astype(np.float32))
+    bx, _ = f.at(0.0)
+    win = cv.window(bx, eye_cy, p["eye_dx"] + 0.2)
+    if win is None:
+        return
+    u, v = cv.coords(win)
+    rims = _ellipse(u, v, bx, eye_cy - 0.02, 0.12, 0.012, edge=cv.edge * 0.5)
+    for side in (-1.0, 1.0):
+        cx, squash = f.at(side * p["eye_dx"])
+        outer = _ellipse(u, v, cx, eye_cy, 0.15 * squash, 0.11, edge=cv.edge * 0.5)
+        inner = _ellipse(u, v, cx, eye_cy, 0.13 * squash, 0.09, edge=cv.edge * 0.5)
+        rims = np.maximum(rims, outer - inner)
+    cv.paint(win, rims * on, (0.05, 0.05, 0.06))
+
+
+def _apply_lighting(img: np.ndarray, rng: np.random.Generator, nuisance: Nuisance, x: np.ndarray,
+                    y: np.ndarray) -> None:
+    """Photometric nuisance, in place on img (0..1): directional light, gain, colour cast, clip, gamma."""
+    n = len(img)
     ang = _col(rng.uniform(0, 2 * math.pi, n))
     amp = _col(rng.uniform(0, nuisance.light, n))
     img *= (1.0 + amp * (np.cos(ang) * x + np.sin(ang) * y))[:, None]
@@ -406,18 +481,26 @@ def render_identity_images(
     np.clip(img, 0.0, 1.0, out=img)
     img **= np.exp(rng.normal(0, nuisance.gamma_std, (n, 1, 1, 1))).astype(np.float32)
 
-    # sensor: blur (sometimes), noise
-    img *= 255.0
+
+def _blur_some(img: np.ndarray, rng: np.random.Generator, nuisance: Nuisance) -> None:
+    """In place: box-blur each image with probability ``blur_prob`` (kernel 3 or 5)."""
+    n = len(img)
     blur = rng.random(n) < nuisance.blur_prob
     ksize = rng.choice([3, 5], n)
     for i in np.flatnonzero(blur):
         img[i] = _box_blur(img[i], int(ksize[i]))
-    # noise: each image reads a randomly offset window of one Gaussian pool (drawing n·H·W·3 normals is slow)
+
+
+def _add_noise(img: np.ndarray, rng: np.random.Generator, nuisance: Nuisance) -> None:
+    """In place: sensor noise, sigma ~ U(0, noise_max) per image (0..255 units).
+
+    Each image reads a randomly offset window of one Gaussian pool (drawing n·H·W·3 normals is slow).
+    """
+    n = len(img)
     pool = rng.standard_normal(2 * img[0].size, dtype=np.float32)
     sigma = rng.uniform(0, nuisance.noise_max, n).astype(np.float32)
     for i, off in enumerate(rng.integers(0, img[0].size, n)):
         img[i] += sigma[i] * pool[off : off + img[0].size].reshape(img[0].shape)
-    return np.ascontiguousarray(np.clip(img + 0.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
@@ -517,8 +600,28 @@ def make_dataset(
     ``workers`` > 1 renders in that many processes (same bytes). Also writes ``synthetic.json`` (settings and each
     bin's pair identities). Returns that summary (plus the wall time in ``seconds``).
     """
-    from data.recordio import write_insightface_rec
+    _check_dataset_args(num_ids, imgs_per_id, val_ids, val_pairs, seed, quality, workers)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    bar = tqdm(total=num_ids * imgs_per_id + 2 * val_pairs * len(VAL_BINS), desc="synthetic faces", unit="img",
+               disable=not progress)
+    _write_train(out, num_ids, imgs_per_id, seed, quality, workers, train_nuisance, bar)
+    held_out = list(range(num_ids, num_ids + val_ids))
+    bins = {name: _write_val_bin(out, name, tag, profiles, held_out, val_pairs, seed, quality, workers, bar)
+            for tag, (name, profiles) in enumerate(VAL_BINS.items())}
+    bar.close()
+    summary = _dataset_summary(num_ids, imgs_per_id, val_ids, val_pairs, seed, quality, train_nuisance, bins)
+    (out / "synthetic.json").write_text(json.dumps(summary, indent=1))  # no paths, no timing: same seed, same bytes
+    for b in bins.values():
+        b["path"] = str(out / b["file"])
+    return {**summary, "dir": str(out), "seconds": round(time.perf_counter() - t0, 2)}
 
+
+def _check_dataset_args(num_ids: int, imgs_per_id: int, val_ids: int, val_pairs: int, seed: int, quality: int,
+                        workers: int) -> None:
+    """ValueError (naming the argument) unless every count is an integer ≥ its minimum, the seed a non-negative
+    integer and the quality in 1..100."""
     for name, value, low in (("num_ids", num_ids, 1), ("imgs_per_id", imgs_per_id, 1), ("val_ids", val_ids, 2),
                              ("val_pairs", val_pairs, 2), ("quality", quality, 1), ("workers", workers, 1)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
@@ -527,39 +630,45 @@ def make_dataset(
         raise ValueError(f"make_dataset: seed must be a non-negative integer, got {seed!r}")
     if quality > 100:
         raise ValueError(f"make_dataset: quality must be in 1..100, got {quality}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    bar = tqdm(total=num_ids * imgs_per_id + 2 * val_pairs * len(VAL_BINS), desc="synthetic faces", unit="img",
-               disable=not progress)
 
-    train_jobs = [(seed, label, imgs_per_id, train_nuisance, quality, [seed, _STREAM_TRAIN_IMAGES, label])
-                  for label in range(num_ids)]
 
-    def train_samples() -> Iterator[tuple[int, bytes]]:
-        for label, images in enumerate(_ordered_map(_render_encoded, train_jobs, workers)):
+def _write_train(out: Path, num_ids: int, imgs_per_id: int, seed: int, quality: int, workers: int,
+                 nuisance: Nuisance, bar: tqdm) -> None:
+    """Render identities 0..num_ids−1, ``imgs_per_id`` images each (label = identity), into train.rec/.idx/property."""
+    from data.recordio import write_insightface_rec
+
+    jobs = [(seed, label, imgs_per_id, nuisance, quality, [seed, _STREAM_TRAIN_IMAGES, label])
+            for label in range(num_ids)]
+
+    def samples() -> Iterator[tuple[int, bytes]]:
+        for label, images in enumerate(_ordered_map(_render_encoded, jobs, workers)):
             yield from ((label, jpeg) for jpeg in images)
             bar.update(len(images))
 
-    write_insightface_rec(out, train_samples(), num_ids, image_size=(IMAGE_SIZE, IMAGE_SIZE))
+    write_insightface_rec(out, samples(), num_ids, image_size=(IMAGE_SIZE, IMAGE_SIZE))
 
-    held_out = list(range(num_ids, num_ids + val_ids))
-    bins: dict[str, Any] = {}
-    for tag, (name, profiles) in enumerate(VAL_BINS.items()):
-        pairs = make_verification_pairs(held_out, val_pairs, np.random.default_rng([seed, _STREAM_PAIRS, tag]))
-        jobs, positions = _pair_jobs(pairs, seed, tag, profiles, quality)
-        images: list[bytes] = [b""] * (2 * len(pairs))
-        for where, encoded in zip(positions, _ordered_map(_render_encoded, jobs, workers)):
-            for i, jpeg in zip(where, encoded):
-                images[i] = jpeg
-            bar.update(len(encoded))
-        path = out / f"{name}.bin"
-        write_bin(path, images, [same for _, _, same in pairs])
-        bins[name] = {"file": path.name, "pairs": len(pairs), "positives": sum(s for _, _, s in pairs),
-                      "pair_identities": [[a, b] for a, b, _ in pairs]}
-    bar.close()
 
-    summary = {
+def _write_val_bin(out: Path, name: str, tag: int, profiles: tuple[Nuisance, Nuisance], held_out: list[int],
+                   val_pairs: int, seed: int, quality: int, workers: int, bar: tqdm) -> dict[str, Any]:
+    """Draw bin number ``tag``'s pairs of held-out identities, render them into ``<name>.bin``; returns the bin's
+    entry in the summary."""
+    pairs = make_verification_pairs(held_out, val_pairs, np.random.default_rng([seed, _STREAM_PAIRS, tag]))
+    jobs, positions = _pair_jobs(pairs, seed, tag, profiles, quality)
+    images: list[bytes] = [b""] * (2 * len(pairs))
+    for where, encoded in zip(positions, _ordered_map(_render_encoded, jobs, workers)):
+        for i, jpeg in zip(where, encoded):
+            images[i] = jpeg
+        bar.update(len(encoded))
+    path = out / f"{name}.bin"
+    write_bin(path, images, [same for _, _, same in pairs])
+    return {"file": path.name, "pairs": len(pairs), "positives": sum(s for _, _, s in pairs),
+            "pair_identities": [[a, b] for a, b, _ in pairs]}
+
+
+def _dataset_summary(num_ids: int, imgs_per_id: int, val_ids: int, val_pairs: int, seed: int, quality: int,
+                     train_nuisance: Nuisance, bins: dict[str, Any]) -> dict[str, Any]:
+    """What ``synthetic.json`` holds: the generator version, the settings, the nuisance profiles and the bins."""
+    return {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "quality": quality,
@@ -570,10 +679,6 @@ def make_dataset(
                 "profiles": {name: [asdict(p) for p in profiles] for name, profiles in VAL_BINS.items()},
                 "bins": bins},
     }
-    (out / "synthetic.json").write_text(json.dumps(summary, indent=1))  # no paths, no timing: same seed, same bytes
-    for b in bins.values():
-        b["path"] = str(out / b["file"])
-    return {**summary, "dir": str(out), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
