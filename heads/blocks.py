@@ -176,6 +176,35 @@ def top1_correct(cos: Tensor, owned: Tensor, tcol: Tensor) -> Tensor:
         return target >= global_max(row_max(cos))
 
 
+# --- BCE with a unified bias: the pieces its sample-to-class (heads/uce.py) and sample-to-sample
+# (heads/memory_scores.py) forms share. Negatives z_ij = s cos_ij - b_j, positives zp_i = b_y - s (margin of cos_iy);
+# b is one scalar, or one b_j per column of this rank.
+def target_bias(b: Tensor, n: int, k: int, tcol: Tensor) -> Tensor:
+    """b_y of every sample: the scalar b itself, or the bias of its own column (masked by ``owned`` later)."""
+    return b if b.ndim == 0 else take_targets(b.unsqueeze(0).expand(n, k), tcol)
+
+
+def clamp_arguments(z: Tensor, zp: Tensor, clamp: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Clamp the negatives' arguments ``z`` (in place) and the positives' ``zp`` to [-clamp, clamp], as the official
+    codes do: (outside, where a negative was clamped; inside, where a positive was not; the clamped zp). Where an
+    argument was clamped its gradient is 0."""
+    outside = (z < -clamp).logical_or_(z > clamp)
+    z.clamp_(-clamp, clamp)
+    inside = zp.abs() <= clamp
+    return outside, inside, zp.clamp(-clamp, clamp)
+
+
+def bias_gradient(g: Tensor, gp: Tensor, b: Tensor, tcol: Tensor, k: int) -> Tensor:
+    """dL/db from dL/dz of the negatives ``g`` [N, K] and dL/dzp of the positives ``gp`` [N]: dL/db_j = -sum_i g_ij
+    (+ gp_i where column j is sample i's class); a scalar b sums both over everything."""
+    if b.ndim == 0:
+        return gp.sum() - g.sum()
+    grad_b = g.sum(0).neg_()
+    if k:
+        grad_b.index_add_(0, tcol, gp)
+    return grad_b
+
+
 def margin_and_slope(margin: Callable[[Tensor], Tensor], cos_y: Tensor, slope: bool) -> tuple[Tensor, Tensor | None]:
     """(margin(cos_y), d margin / d cos_y) for N target cosines (the slope by autograd on these N values)."""
     with torch.enable_grad():

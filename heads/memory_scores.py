@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from heads.blocks import (
+    bias_gradient,
+    clamp_arguments,
     global_logsumexp_of,
     needs_grad,
     put_targets,
@@ -51,6 +53,7 @@ from heads.blocks import (
     stabiliser,
     sum_chunked,
     take_targets,
+    target_bias,
     target_columns,
     with_gradients,
 )
@@ -108,16 +111,13 @@ def bce_sum(u: Tensor, rows: Tensor, valid: Tensor, target: Tensor, scale: float
     need_grad = needs_grad(u, bias)
     with torch.no_grad():
         b = bias.detach().to(ud.dtype)
-        b_y = b if b.ndim == 0 else take_targets(b.unsqueeze(0).expand(n, k), tcol)
+        b_y = target_bias(b, n, k, tcol)
         z.sub_(b if b.ndim == 0 else b.unsqueeze(0))                     # negatives: s cos_ij - b_j
         zp = b_y - scale * (cos_y - margin)                               # positives: -(s (cos_y - m) - b_y)
         outside = inside = None
         if clamp is not None:
-            outside = (z < -clamp).logical_or_(z > clamp)
-            z.clamp_(-clamp, clamp)
+            outside, inside, zp = clamp_arguments(z, zp, clamp)
             _mask_negatives(z, tcol, owned, valid)                         # the clamp lifted -inf to -clamp
-            inside = zp.abs() <= clamp
-            zp = zp.clamp(-clamp, clamp)
         total = sum_chunked(F.softplus, z) + torch.where(written, F.softplus(zp), 0.0).sum()
         if not need_grad:
             return total
@@ -130,12 +130,7 @@ def bce_sum(u: Tensor, rows: Tensor, valid: Tensor, target: Tensor, scale: float
             gp = gp * inside
         # z_ij = s cos_ij - b_j:  dL/dcos_ij = s g_ij, dL/db_j = -g_ij
         # zp_i = b_y - s(cos_iy - m):  dL/dcos_iy = -s gp_i, dL/db_y = gp_i
-        if b.ndim == 0:
-            grad_b = gp.sum() - g.sum()
-        else:
-            grad_b = g.sum(0).neg_()
-            if k:
-                grad_b.index_add_(0, tcol, gp)
+        grad_b = bias_gradient(g, gp, b, tcol, k)
         grad_u = matmul(g, rows, precision) if k else torch.zeros_like(ud)
         if k:
             grad_u.addcmul_(rows[tcol], gp.unsqueeze(1), value=-1.0)

@@ -22,11 +22,14 @@ from torch import Tensor, nn
 
 from heads.blocks import (
     CosineBlock,
+    bias_gradient,
+    clamp_arguments,
     margin_and_slope,
     needs_grad,
     put_targets,
     sum_chunked,
     take_targets,
+    target_bias,
     target_columns,
     top1_correct,
     with_gradients,
@@ -62,7 +65,7 @@ def uniform_bce(block: CosineBlock, target: Tensor, margin: TargetMargin, scale:
         accuracy = top1_correct(cos, owned, tcol).to(cos.dtype).mean() if with_accuracy else None
         b = bias.detach().to(cos.dtype)
         margin_y, slope = margin_and_slope(margin, take_targets(cos, tcol), need)
-        b_y = b if b.ndim == 0 else take_targets(b.unsqueeze(0).expand(n, k), tcol)
+        b_y = target_bias(b, n, k, tcol)
         zp = b_y - scale * margin_y                                   # the positive's argument (N values)
         z = cos * scale
         filtered = None
@@ -72,10 +75,7 @@ def uniform_bce(block: CosineBlock, target: Tensor, margin: TargetMargin, scale:
         z.sub_(b)                                                    # s cos_ij - b_j
         outside = None
         if clamp is not None:
-            outside = (z < -clamp).logical_or_(z > clamp)
-            z.clamp_(-clamp, clamp)
-            inside_p = zp.abs() <= clamp
-            zp = zp.clamp(-clamp, clamp)
+            outside, inside_p, zp = clamp_arguments(z, zp, clamp)
         put_targets(z, tcol, owned, float("-inf"))                   # the positive's term is taken apart
         local = neg_weight * sum_chunked(F.softplus, z) + torch.where(owned, F.softplus(zp), 0.0).sum()
         loss = all_reduce_sum_(local.reshape(1))[0] / num_samples
@@ -89,14 +89,7 @@ def uniform_bce(block: CosineBlock, target: Tensor, margin: TargetMargin, scale:
         gp = torch.where(owned, torch.sigmoid(zp), 0.0) / num_samples
         if clamp is not None:
             gp = gp * inside_p
-        grad_b = None
-        if bias.requires_grad:
-            if b.ndim == 0:
-                grad_b = gp.sum() - G.sum()
-            else:
-                grad_b = G.sum(0).neg_()
-                if k:
-                    grad_b.index_add_(0, tcol, gp)
+        grad_b = bias_gradient(G, gp, b, tcol, k) if bias.requires_grad else None
         G.mul_(scale)                                                # dL/dcos_ij = s dL/dz_ij
         if filtered is not None:
             G.masked_fill_(filtered, 0.0)
