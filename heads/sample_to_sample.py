@@ -94,22 +94,37 @@ class LatestFeatureTerm(MemoryTerm):
         return f"scale={self.scale}, margin={self.margin}"
 
 
-class USS(LatestFeatureTerm):
-    """Unified-threshold sample-to-sample loss: one learnable scalar bias b, t = b / s."""
+class BCETerm(LatestFeatureTerm):
+    """The BCE memory terms (USS: one scalar bias; s2s BCE: one bias per class): the global mean of the per-class
+    softplus sums (heads/memory_scores.bce_sum), arguments clamped to [-s, s] unless ``clamp`` is off."""
 
     def __init__(self, partition: ClassPartition, embedding_size: int, scale: float = 64.0, margin: float = 0.1,
                  clamp: bool = True) -> None:
         super().__init__(partition, embedding_size, scale, margin)
         self.clamp = bool(clamp)
+
+    def bce_mean(self, batch: ShardBatch, scores: ClassScores, bias) -> Tensor:
+        """The term's global value with ``bias`` (a tensor, or a callable that sets it from the data first)."""
+        rows, valid = self.memory.rows(scores.index)
+        local = bce_sum(self.unit_batch(batch, rows, scores), rows, valid, scores.target, self.scale, self.margin,
+                        bias, clamp=self.scale if self.clamp else None, precision=matmul_precision_of(self))
+        return global_bce_mean(local, batch.size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, clamp={self.clamp}"
+
+
+class USS(BCETerm):
+    """Unified-threshold sample-to-sample loss: one learnable scalar bias b, t = b / s."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.bias = nn.Parameter(torch.zeros(()))  # b <= 0: (re-)initialised from the data before the loss
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
-        rows, valid = self.memory.rows(scores.index)
-        bias = self._bias_from_data if self.training else self.bias
-        local = bce_sum(self.unit_batch(batch, rows, scores), rows, valid, scores.target, self.scale, self.margin,
-                        bias, clamp=self.scale if self.clamp else None, precision=matmul_precision_of(self))
+        value = self.bce_mean(batch, scores, self._bias_from_data if self.training else self.bias)
         b = self.bias.detach()
-        return global_bce_mean(local, batch.size), {"b_uss": b.clone(), "t_uss": b / self.scale}
+        return value, {"b_uss": b.clone(), "t_uss": b / self.scale}
 
     def _bias_from_data(self, data_bias: Tensor, exists: Tensor) -> Tensor:
         """b <= 0 (and some row has a written negative): b <- the data-driven bias; else b unchanged."""
@@ -122,21 +137,15 @@ class USS(LatestFeatureTerm):
     def learned_thresholds(self) -> dict[str, float]:
         return {"t_uss": float(self.bias.detach()) / self.scale}
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, clamp={self.clamp}"
 
-
-class S2SBCE(LatestFeatureTerm):
+class S2SBCE(BCETerm):
     """Sample-to-sample BCE: one learnable bias per class, sharded with the classes (heads/rows.py)."""
 
-    def __init__(self, partition: ClassPartition, embedding_size: int, scale: float = 64.0, margin: float = 0.1,
-                 clamp: bool = True) -> None:
-        super().__init__(partition, embedding_size, scale, margin)
-        self.class_bias = ClassBias(partition, 0.0)
-        self.clamp = bool(clamp)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.class_bias = ClassBias(self.partition, 0.0)
 
     def loss(self, batch: ShardBatch, scores: ClassScores) -> tuple[Tensor, dict]:
-        rows, valid = self.memory.rows(scores.index)
         track = self.training and torch.is_grad_enabled()
         after_init: list[Tensor] = []
         if self.training:
@@ -150,19 +159,15 @@ class S2SBCE(LatestFeatureTerm):
                 return self.class_bias.leaf_rows(scores.index, track=track)
         else:
             bias = self.class_bias.leaf_rows(scores.index, track=track)
-        local = bce_sum(self.unit_batch(batch, rows, scores), rows, valid, scores.target, self.scale, self.margin,
-                        bias, clamp=self.scale if self.clamp else None, precision=matmul_precision_of(self))
+        value = self.bce_mean(batch, scores, bias)
         logs = {}
         mean_b = after_init[0] if after_init else (self.class_bias.global_mean() if collects_stats(self) else None)
         if mean_b is not None:
             logs = {"b_s2s_mean": mean_b, "t_s2s_mean": mean_b / self.scale}
-        return global_bce_mean(local, batch.size), logs
+        return value, logs
 
     def learned_thresholds(self) -> dict[str, float]:
         return {"t_s2s_mean": float(self.class_bias.global_mean()) / self.scale}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, clamp={self.clamp}"
 
 
 class S2SSoftmax(LatestFeatureTerm):
