@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from bench.head_cases import fill_memory
 from bench.measure import PeakMemory, cpu_name, synchronize
@@ -46,6 +45,7 @@ from heads import EmbeddedLoss, build_head, set_collect_stats
 from heads.optim import HeadOptimizer
 from heads.partition import ClassPartition
 from heads.precision import MATMUL_PRECISIONS
+from runtime.process import barrier
 
 FAMILIES = {
     "cosface": {"loss": "cosface"},
@@ -96,8 +96,7 @@ def _step_peak(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
 def _step(head, opt, x: torch.Tensor, labels: torch.Tensor) -> float:
     """One timed head step; the ranks start it together (a barrier), so no rank's time holds another's lag."""
     synchronize(x.device)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     t0 = time.perf_counter()
     loss, _ = head(x.requires_grad_(True), labels)
     loss.backward()

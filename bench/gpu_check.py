@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from bench.head_cases import FAMILIES, fill_memory
 from bench.measure import PeakMemory, cpu_name, synchronize
+from runtime.process import free_port, is_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -415,12 +416,9 @@ def format_table(rows: list[Row]) -> str:
 
 def start_process_group(device: torch.device) -> None:
     """A 1-rank process group, so that the heads run their distributed code paths (collectives, shape checks)."""
-    if dist.is_initialized():
+    if is_distributed():
         return
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 

@@ -81,8 +81,8 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, start_method:
     if start_method not in ("fork", "spawn", "forkserver"):
         raise ValueError(f"run_ranks: start_method must be fork, spawn or forkserver, got {start_method!r}")
     if start_method == "fork":
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
+        from runtime.process import is_distributed
+        if is_distributed():
             raise RankError("run_ranks: torch.distributed is initialised in the calling process; forked ranks would "
                             "inherit its process group (destroy it first)")
     for attempt in range(3):
