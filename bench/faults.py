@@ -23,6 +23,8 @@ from pathlib import Path
 
 import psutil
 
+from runtime.layout import META_FILE, newest_checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.name=iresnet_tiny", "model.num_features=32", "model.kwargs={depths: [1, 1, 1, 1]}",
         "train.batch_size=8", "train.log_every=1", "data.num_workers=1", "head.scale=16", "head.margin=0.2",
@@ -54,10 +56,10 @@ def wait_step(out: Path, step: int, proc: subprocess.Popen) -> None:
 
 
 def saved_step(out: Path) -> int | None:
-    latest = out / "checkpoints" / "latest"
-    if not latest.is_file():
+    folder = newest_checkpoint(out)
+    if folder is None:
         return None
-    return json.loads((out / "checkpoints" / latest.read_text().strip() / "meta.json").read_text())["global_step"]
+    return json.loads((folder / META_FILE).read_text())["global_step"]
 
 
 def ranks(proc: subprocess.Popen) -> list[psutil.Process]:

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 import backbones
-from runtime.layout import BACKBONE_FILE, CONFIG_FILE, CheckpointError, newest_checkpoint
+from runtime.layout import BACKBONE_FILE, CONFIG_FILE, CheckpointError, checkpoint_folder
 
 __all__ = ["CheckpointError", "read_model_config", "load_model_for_eval"]
 
@@ -63,9 +63,7 @@ def load_model_for_eval(
     ``overrides`` are extra ``get_model`` kwargs; they win over config.yaml's. ``network``, if given for a
     checkpoint directory, must agree with its config.
     """
-    path = Path(weights)
-    if path.is_dir() and not (path / BACKBONE_FILE).is_file() and newest_checkpoint(path) is not None:
-        path = newest_checkpoint(path)  # a run folder: its newest checkpoint
+    path = checkpoint_folder(weights)  # a run folder: its newest checkpoint
     if path.is_dir():
         config_path, weights_path = path / CONFIG_FILE, path / BACKBONE_FILE
         for needed in (config_path, weights_path):

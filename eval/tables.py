@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 from prettytable import PrettyTable
 
+from runtime.layout import checkpoint_folder
+
 __all__ = [
     "format_table",
     "percent",
@@ -60,11 +62,12 @@ def percent(value: float | None) -> str:
 
 
 def output_dir_for(weights: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Where an eval writes: ``out`` if given, else the checkpoint folder (or the weights file's folder)."""
+    """Where an eval writes: ``out`` if given, else the checkpoint folder (a run folder's newest one; the weights
+    file's folder)."""
     if out is not None:
         path = Path(out)
     else:
-        w = Path(weights)
+        w = checkpoint_folder(weights)
         path = w if w.is_dir() else w.parent
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -133,9 +136,7 @@ def load_run(spec: str) -> RunResults:
         name, path_text = "", spec
     path = Path(path_text)
     default_label = path.name
-    latest = path / "checkpoints" / "latest"  # a run folder: its newest checkpoint (the file holds the tag)
-    if path.is_dir() and latest.is_file():
-        path = latest.parent / latest.read_text().strip()
+    path = checkpoint_folder(path)  # a run folder: its newest checkpoint
     if path.is_dir():
         files = sorted(path.glob("*.json"))
     elif path.is_file():

@@ -53,3 +53,14 @@ def newest_checkpoint(output: str | os.PathLike) -> Path | None:
     """OUTPUT/checkpoints/<latest> of a run folder; None when ``output`` holds no complete checkpoint."""
     tag = latest_tag(checkpoints_dir(output))
     return None if tag is None else checkpoints_dir(output) / tag
+
+
+def checkpoint_folder(path: str | os.PathLike) -> Path:
+    """The checkpoint a path names: a run folder (no backbone.pth, a checkpoints/latest) stands for its newest
+    checkpoint; any other path (a checkpoint folder, a weights file, a folder of results) for itself."""
+    p = Path(path)
+    if p.is_dir() and not (p / BACKBONE_FILE).is_file():
+        newest = newest_checkpoint(p)
+        if newest is not None:
+            return newest
+    return p

@@ -335,6 +335,8 @@ def test_load_model_for_eval_takes_a_run_folder_s_newest_checkpoint(tiny_setup, 
     (checkpoints_dir(run) / LATEST).write_text(step_tag(12) + "\n")
     loaded, cfg = load_model_for_eval(run)
     assert cfg == TINY
+    from eval.tables import output_dir_for
+    assert output_dir_for(run) == checkpoints_dir(run) / step_tag(12)  # results land beside that checkpoint
     for (k, v), ref in zip(loaded.state_dict().items(), model.state_dict().values()):
         assert torch.equal(v, ref), k
 
