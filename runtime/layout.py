@@ -1,5 +1,13 @@
 """What a run leaves on disk, declared once: the trainer writes this layout, eval and the tables read it.
 
+The run folder (key `output`), and which module writes what:
+    OUTPUT/config.yaml                   the resolved configuration, at start (trainer/monitor.py)
+    OUTPUT/train.log                     rank 0's log (trainer/log.py)
+    OUTPUT/metrics.csv, tensorboard/, curves.png     scalars and evaluations (trainer/monitor.py)
+    OUTPUT/run.lock, .heartbeat/         one run per folder, the ranks' liveness (trainer/runlock.py, watchdog.py)
+    OUTPUT/checkpoints/                  below (trainer/checkpoint.py)
+
+The checkpoints:
     OUTPUT/checkpoints/TAG/              TAG = epoch_0003 (end of epoch 3, 1-based) or step_0000123 (between ends)
         <DeepSpeed engine files>         engine.save_checkpoint: backbone weights and its optimizer (ZeRO shards)
         head/rank_000_of_002.pt          one rank's head state (class-sharded buffers), head optimizer, RNG states

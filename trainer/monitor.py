@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from runtime.layout import CONFIG_FILE
 from trainer.config import ConfigError, dump_config
 
 CSV_NAME = "metrics.csv"
@@ -48,8 +49,8 @@ def write_resolved_config(cfg: dict, output: Path, overrides: Iterable[str] = ()
     overrides = list(overrides)
     if overrides:
         header.append(f"# overrides: {' '.join(overrides)}")
-    path = output / "config.yaml"
-    tmp = path.with_name(".config.yaml.tmp")
+    path = output / CONFIG_FILE
+    tmp = path.with_name(f".{CONFIG_FILE}.tmp")
     tmp.write_text("\n".join(header) + "\n" + dump_config(cfg))
     tmp.replace(path)
     return path

@@ -26,7 +26,7 @@ from trainer.engine import average_buffers, build_backbone, build_engine, head_c
 from trainer.evaluation import Evaluator
 from trainer.guard import StepFlags, StepGuard
 from trainer.log import Meter, level_counts, setup_logging
-from trainer.monitor import LEARNED, Monitor, cuda_memory_gb, write_resolved_config
+from trainer.monitor import LEARNED, TENSORBOARD_DIR, Monitor, cuda_memory_gb, write_resolved_config
 from trainer.position import CheckpointClock, Position
 from trainer.runlock import RunLock, RunLockError
 from trainer.schedule import schedule_from_config
@@ -346,7 +346,7 @@ class Run:
         curves = self.monitor.write_curves()
         return {"output": str(self.output), "checkpoint": str(self.ckpt_root / LATEST),
                 "global_step": self.pos.global_step, "curves": None if curves is None else str(curves),
-                "tensorboard": str(self.output / "tensorboard") if self.monitor.tb is not None else None,
+                "tensorboard": str(self.output / TENSORBOARD_DIR) if self.monitor.tb is not None else None,
                 "last_loss": self.last_loss, "eval": self.evaluator.history, "train_seconds": train_s,
                 "rank": self.env.rank, "skipped_steps": guard.skipped_total,
                 "stopped_by_signal": (self.preempt.signal_name or "a signal on another rank") if stopped else None}
