@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
-import socket
 import time
 import traceback
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
+
+from runtime.process import free_port, is_distributed
 
 
 class RankError(RuntimeError):
@@ -41,12 +42,6 @@ def fix_malloc() -> None:
         libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
     except OSError:
         pass
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _child(conn: Connection, fn: Callable[..., Any], rank: int, world_size: int, port: int, timeout: float,
@@ -81,7 +76,6 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, start_method:
     if start_method not in ("fork", "spawn", "forkserver"):
         raise ValueError(f"run_ranks: start_method must be fork, spawn or forkserver, got {start_method!r}")
     if start_method == "fork":
-        from runtime.process import is_distributed
         if is_distributed():
             raise RankError("run_ranks: torch.distributed is initialised in the calling process; forked ranks would "
                             "inherit its process group (destroy it first)")

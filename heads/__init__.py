@@ -37,18 +37,18 @@ from heads.partition import ClassPartition
 from heads.precision import MATMUL_PRECISIONS, set_matmul_precision
 from heads.protocol import Head
 from heads.registry import (
-                            HEADS,
-                            PRESETS,
-                            S2S_TERMS,
-                            HeadConfigError,
-                            build_head,
-                            flag,
-                            loss_names,
-                            number,
-                            read_options,
-                            register_head,
-                            register_preset,
-                            register_s2s,
+    HEADS,
+    PRESETS,
+    S2S_TERMS,
+    HeadConfigError,
+    build_head,
+    flag,
+    loss_names,
+    number,
+    read_options,
+    register_head,
+    register_preset,
+    register_s2s,
 )
 from heads.sample_to_sample import S2SBCE, USS, S2SSoftmax
 from heads.stats import collects_stats, set_collect_stats
