@@ -35,9 +35,9 @@ from runtime.layout import (
     META_FILE,
     TMP_PREFIX,
     CheckpointError,
-    checkpoints_dir,
     head_file,
     latest_tag,
+    newest_checkpoint,
 )
 from runtime.process import agree_any, barrier
 from trainer.config import dump_config, read_json
@@ -210,10 +210,9 @@ def remove_stale_tmp(root: Path) -> list[Path]:
 def resolve(resume: str, output: Path) -> Path | None:
     """`auto` -> newest complete checkpoint under output/checkpoints (None if there is none); else the given folder."""
     if resume == "auto":
-        tag = latest_tag(checkpoints_dir(output))
-        if tag is None:
+        folder = newest_checkpoint(output)
+        if folder is None:
             return None
-        folder = checkpoints_dir(output) / tag
     else:
         folder = Path(resume)
     if not (folder / META_FILE).is_file():

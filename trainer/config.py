@@ -19,6 +19,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # model.precision
 
 # Keys whose value may be given in more than one shape.
 _FLEXIBLE = {
@@ -193,8 +194,8 @@ def _check_values(cfg: dict) -> None:
     need(t["max_steps"] is None or t["max_steps"] > 0, "train.max_steps", "must be > 0 or null")
     need(0.0 <= h["sample_rate"] <= 1.0, "head.sample_rate", "must be within [0, 1]")
     need(h["scale"] is None or h["scale"] > 0, "head.scale", "must be > 0 (or null: the loss's default)")
-    need(cfg["model"]["precision"] in ("auto", "fp32", "bf16", "fp16"), "model.precision",
-         "must be auto, fp32, bf16 or fp16")
+    need(cfg["model"]["precision"] in PRECISIONS, "model.precision",
+         f"must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
     need(cfg["model"]["loss_scale"] > 0, "model.loss_scale", "must be > 0 (the initial fp16 loss scale)")
     need(d["loader"] in ("auto", "torch", "dali"), "data.loader", "must be auto, torch or dali")
     need(d["num_workers"] >= 0, "data.num_workers", "must be >= 0")

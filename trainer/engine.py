@@ -18,9 +18,7 @@ import torch
 
 import backbones
 from runtime.process import rank_world
-from trainer.config import REPO_ROOT, ConfigError, read_json
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from trainer.config import PRECISIONS, REPO_ROOT, ConfigError, read_json
 
 
 def precision_for(capability: tuple[int, int] | None) -> str:
