@@ -6,13 +6,14 @@ the launcher's ranks, the model loaded at most once, and feature files that are 
     feats, reused = run.cached_features(path, FaceImages(paths), flip=True, normalize=True, desc="FaceScrub")
     out_dir = run.out_dir()                          # --out, else next to the checkpoint
 
-The options themselves (--weights, --network, --model-arg, --batch-size, --num-workers, --device, --out, --label,
---no-progress) are eval.features.add_model_arguments'; the embedding is eval.features.embed.
+The options every command shares (--weights, --network, --model-arg, --batch-size, --num-workers, --device, --out,
+--label, --no-progress) are add_model_arguments' below; the embedding is eval.features.embed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +21,59 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from eval.features import (
-    FeatureError,
-    add_model_arguments,
-    checkpoint_label,
-    embed,
-    model_from_arguments,
-)
+from eval.features import FeatureError, embed
 from eval.tables import output_dir_for
 from runtime.process import start as runtime_start
 
-__all__ = ["eval_parser", "run_label", "EvalRun"]
+__all__ = ["add_model_arguments", "model_from_arguments", "checkpoint_label", "eval_parser", "run_label", "EvalRun"]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
+    """The options every eval command shares: which checkpoint, how to run it, where results go."""
+    parser.add_argument("--weights", required=True,
+                        help="backbone.pth (arcface_torch layout, needs --network) or a checkpoint directory "
+                             "holding backbone.pth + config.yaml")
+    parser.add_argument("--network", help="backbone name for get_model (required for a bare backbone.pth)")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra get_model keyword (YAML value), e.g. num_features=512; repeatable")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per forward (per rank)")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="image decoding / alignment processes per rank (0 = in the main process)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda:(LOCAL_RANK mod visible GPUs) if CUDA is available, "
+                             "else cpu)")
+    parser.add_argument("--out", default=None, help="folder for the results (default: next to the checkpoint)")
+    parser.add_argument("--label", default=None, help="name of this model in the tables (default: checkpoint name)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # the deepspeed launcher's; LOCAL_RANK is read from the environment
+
+
+def model_from_arguments(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load the checkpoint named by ``args`` onto ``device`` (eval mode); SystemExit with the reason if it fails."""
+    from eval.checkpoint_io import CheckpointError, load_model_for_eval
+
+    overrides = {}
+    for item in args.model_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --model-arg {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        model, model_cfg = load_model_for_eval(args.weights, args.network, **overrides)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    return model.to(device), model_cfg
+
+
+def checkpoint_label(weights: str | os.PathLike) -> str:
+    """A short name for a checkpoint: its folder name, or parent/stem of a weights file."""
+    path = Path(weights)
+    if path.is_dir():
+        return path.name
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
 def eval_parser(

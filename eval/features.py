@@ -14,23 +14,18 @@ aligns them from 5 landmarks when given (eval.align). For every image:
 Several ranks (torchrun, the deepspeed launcher or srun — runtime.process): rank r embeds the contiguous slice
 ``rank_slice(N, r, W)`` and rank 0 gathers every row, in fixed-size rounds, into its result (an array, or ``out`` —
 e.g. a ``np.lib.format.open_memmap`` when a million rows should not sit in RAM); the other ranks get None.
-
-The command-line helpers every eval command shares (which checkpoint, which device, where results go) live here too.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
 from eval.align import AlignmentError, align_face
@@ -43,9 +38,6 @@ __all__ = [
     "embed",
     "extract_features",
     "l2_normalize",
-    "add_model_arguments",
-    "model_from_arguments",
-    "checkpoint_label",
 ]
 
 _GATHER_ROWS = 16384  # rows per gather round: 32 MB of float32 512-d features per rank
@@ -249,52 +241,3 @@ def extract_features(model: torch.nn.Module, images: torch.Tensor | torch.utils.
     """:func:`embed` without normalisation (IJB pools raw flip-summed features), sharded over the ranks; ``options``
     are embed's (batch_size, device, flip, num_workers, progress, desc, out)."""
     return embed(model, images, **{**options, "normalize": False, "desc": options.get("desc", "features")})
-
-
-# ------------------------------------------------------------------------------------------ command-line helpers
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, batch_size: int = 128) -> None:
-    """The options every eval command shares: which checkpoint, how to run it, where results go."""
-    parser.add_argument("--weights", required=True,
-                        help="backbone.pth (arcface_torch layout, needs --network) or a checkpoint directory "
-                             "holding backbone.pth + config.yaml")
-    parser.add_argument("--network", help="backbone name for get_model (required for a bare backbone.pth)")
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra get_model keyword (YAML value), e.g. num_features=512; repeatable")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per forward (per rank)")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="image decoding / alignment processes per rank (0 = in the main process)")
-    parser.add_argument("--device", default=None,
-                        help="torch device (default: cuda:(LOCAL_RANK mod visible GPUs) if CUDA is available, "
-                             "else cpu)")
-    parser.add_argument("--out", default=None, help="folder for the results (default: next to the checkpoint)")
-    parser.add_argument("--label", default=None, help="name of this model in the tables (default: checkpoint name)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # the deepspeed launcher's; LOCAL_RANK is read from the environment
-
-
-def model_from_arguments(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load the checkpoint named by ``args`` onto ``device`` (eval mode); SystemExit with the reason if it fails."""
-    from eval.checkpoint_io import CheckpointError, load_model_for_eval
-
-    overrides = {}
-    for item in args.model_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --model-arg {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        model, model_cfg = load_model_for_eval(args.weights, args.network, **overrides)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-    return model.to(device), model_cfg
-
-
-def checkpoint_label(weights: str | os.PathLike) -> str:
-    """A short name for a checkpoint: its folder name, or parent/stem of a weights file."""
-    path = Path(weights)
-    if path.is_dir():
-        return path.name
-    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem

@@ -247,8 +247,7 @@ def mfr_self_check(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from eval.cli import run_label
-    from eval.features import add_model_arguments, model_from_arguments
+    from eval.cli import add_model_arguments, model_from_arguments, run_label
 
     parser = argparse.ArgumentParser(
         prog="python -m eval.onnx_export",
